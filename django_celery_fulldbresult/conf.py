@@ -1,0 +1,71 @@
+"""The package's settings, read from Django settings on every access.
+
+Every setting is ``DJANGO_CELERY_FULLDBRESULT_<NAME>``; reading them through
+this module (and never at import time) keeps ``override_settings`` working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+PREFIX = "DJANGO_CELERY_FULLDBRESULT_"
+
+DEFAULTS: dict[str, Any] = {
+    # Write a PENDING row when a task is published.
+    "TRACK_PUBLISH": False,
+    # Store results as plain JSON whatever the app's result serializer.
+    "USE_JSON": False,
+    # With USE_JSON, store {"value": str(value), "forced_json": true} for values JSON cannot hold.
+    "FORCE_JSON": False,
+    # Store real args/kwargs (False: only argsrepr/kwargsrepr, rows are not replayable).
+    "STORE_ARGS": True,
+    # Task names (fnmatch patterns) whose args/kwargs are never stored.
+    "SECRET_TASKS": (),
+    # The database alias that holds the task table.
+    "DATABASE": "default",
+    # Use a connection of our own (autocommit, not closed by Celery's Django fixup).
+    "DEDICATED_CONNECTION": True,
+    # Seconds between worker heartbeats; 0 disables them (stale STARTED is then age-only).
+    "WORKER_HEARTBEAT": 10.0,
+    # Heartbeats missed before a worker counts as gone.
+    "WORKER_HEARTBEAT_GRACE": 3,
+    # Rows deleted per statement by the expiry cleanup.
+    "CLEANUP_BATCH_SIZE": 5000,
+    # ETA scheduler (issue 3) and admin (issue 4) settings.
+    "SCHEDULE_ETA": False,
+    "MONKEY_PATCH_ASYNC": False,
+    "OVERRIDE_BEAT_ADMIN": False,
+}
+
+#: Old names still accepted: 0.5.x name -> current name.
+ALIASES = {"OVERRIDE_DJCELERY_ADMIN": "OVERRIDE_BEAT_ADMIN"}
+
+
+def get(name: str) -> Any:
+    """Return the setting ``DJANGO_CELERY_FULLDBRESULT_<name>`` or its default."""
+    if name not in DEFAULTS:
+        raise KeyError(f"unknown django-celery-fulldbresult setting {name!r}")
+    value = getattr(settings, PREFIX + name, None)
+    if value is None:
+        for old, new in ALIASES.items():
+            if new == name:
+                value = getattr(settings, PREFIX + old, None)
+    return DEFAULTS[name] if value is None else value
+
+
+def track_publish() -> bool:
+    return bool(get("TRACK_PUBLISH"))
+
+
+def use_json() -> bool:
+    return bool(get("USE_JSON"))
+
+
+def force_json() -> bool:
+    return bool(get("FORCE_JSON"))
+
+
+def database() -> str:
+    return get("DATABASE")

@@ -1,0 +1,48 @@
+"""The time-delta options shared by the stale-task commands (0.5.x names)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+DELTA_UNITS = ("weeks", "days", "hours", "minutes", "seconds", "microseconds")
+
+
+def add_delta_arguments(parser: Any, what: str) -> None:
+    for unit in DELTA_UNITS:
+        parser.add_argument(
+            f"--{unit}",
+            type=float,
+            default=0,
+            help=f"Report {what} older than this many {unit} (added to the other units).",
+        )
+
+
+def delta_from_options(options: dict[str, Any]) -> timedelta:
+    return timedelta(**{unit: options.get(unit) or 0 for unit in DELTA_UNITS})
+
+
+def write_rows(command: Any, header: str, rows: Iterable[Any], as_json: bool) -> int:
+    """Print rows in the 0.5.x format (or as JSON); return how many were printed."""
+    count = 0
+    if as_json:
+        items = [
+            {
+                "task_id": row.task_id,
+                "task": row.task,
+                "status": row.status,
+                "date": row.reference_date.isoformat() if row.reference_date else None,
+                "eta": row.eta.isoformat() if row.eta else None,
+                "hostname": row.hostname,
+            }
+            for row in rows
+        ]
+        command.stdout.write(json.dumps(items, indent=2))
+        return len(items)
+    command.stdout.write(header)
+    for row in rows:
+        command.stdout.write(f"  {row.reference_date} - {row.task_id}: {row.task}")
+        count += 1
+    return count

@@ -1,0 +1,363 @@
+"""Queries and single-statement writes on the task table.
+
+Every state write is one ``INSERT ... ON CONFLICT DO UPDATE`` (PostgreSQL,
+SQLite) or ``INSERT ... ON DUPLICATE KEY UPDATE`` (MySQL, MariaDB) whose
+``SET`` expressions carry the precedence rules of ``docs/design.md``, so
+concurrent writers never need a read first and never lose a final state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import connections, models
+from django.db.models import Q
+from django.utils import timezone
+
+from .states import FINAL_STATES, SCHEDULED, STARTED, SUCCESS
+
+# How a column of an incoming write combines with the stored row.
+STATE = "state"  # replaced when the write wins precedence
+STATE_KEEP = "state_keep"  # replaced when the write wins and carries a value
+LATEST = "latest"  # newest non-null value wins (fill-only when the write loses)
+FILL = "fill"  # first non-null value wins: never overwritten, never wiped
+
+COLUMN_POLICY: dict[str, str] = {
+    "task": FILL,
+    "args": FILL,
+    "kwargs": FILL,
+    "packed_args": FILL,
+    "packed_args_content_type": FILL,
+    "argsrepr": FILL,
+    "kwargsrepr": FILL,
+    "replayable": FILL,
+    "options": FILL,
+    "queue": FILL,
+    "exchange": FILL,
+    "routing_key": FILL,
+    "priority": FILL,
+    "parent_id": FILL,
+    "root_id": FILL,
+    "group_id": FILL,
+    "periodic_task_name": FILL,
+    "date_submitted": FILL,
+    "eta": LATEST,
+    "expires": LATEST,
+    "result": STATE,
+    "content_type": STATE,
+    "content_encoding": STATE,
+    "traceback": STATE,
+    "date_done": STATE,
+    "date_modified": STATE,
+    "meta": STATE_KEEP,
+    "date_started": STATE_KEEP,
+    "hostname": STATE_KEEP,
+    # status and retries are always written last (see _build_upsert).
+}
+
+JSON_COLUMNS = frozenset({"args", "kwargs", "options", "meta"})
+_FINALS_SQL = ", ".join(f"'{state}'" for state in sorted(FINAL_STATES))
+
+
+class TaskResultQuerySet(models.QuerySet):
+    def unfinished(self) -> TaskResultQuerySet:
+        return self.exclude(status__in=sorted(FINAL_STATES))
+
+    def get_stale_tasks(
+        self,
+        max_duration: timedelta | None = None,
+        acceptable_states: Iterable[str] | None = None,
+        now: datetime | None = None,
+    ) -> TaskResultQuerySet:
+        """Tasks that should have moved on by now (see "Stale tasks" in docs/design.md).
+
+        A row is stale when it is not final, not in ``acceptable_states``, and:
+
+        * SCHEDULED: its eta passed more than ``max_duration`` ago (it was never forwarded);
+        * STARTED: it started more than ``max_duration`` ago and its worker sends no
+          heartbeat (a live worker running a long task is not stale);
+        * any other state (PENDING, RECEIVED, RETRY, SCHEDULED_SENT, custom): its last
+          state change is older than ``max_duration``.
+
+        SUCCESS, FAILURE and REVOKED are never stale.
+        """
+        from . import heartbeat
+
+        now = now or timezone.now()
+        cutoff = now - (max_duration or timedelta(0))
+        excluded = set(FINAL_STATES) | set(acceptable_states or ())
+        by_age = Q(date_modified__lte=cutoff) & ~Q(status=SCHEDULED)
+        overdue = Q(status=SCHEDULED, eta__lte=cutoff)
+        qs = self.exclude(status__in=sorted(excluded)).filter(by_age | overdue)
+        live = heartbeat.live_hostnames(now=now, using=self.db)
+        if live is not None:
+            qs = qs.exclude(status=STARTED, hostname__in=live)
+        return qs
+
+
+class TaskResultManager(models.Manager.from_queryset(TaskResultQuerySet)):
+    def get_task(self, task_id: str) -> Any:
+        """The row for ``task_id``, or an unsaved PENDING instance (0.5.x API)."""
+        try:
+            return self.get(task_id=task_id)
+        except self.model.DoesNotExist:
+            return self.model(task_id=task_id)
+
+    # -- writes -------------------------------------------------------------
+
+    def store_state(
+        self,
+        values: Mapping[str, Any],
+        *,
+        using: str,
+        retries: int | None,
+        replace_call: bool = False,
+    ) -> None:
+        """Write a state change in one statement, applying the precedence rules.
+
+        ``values`` maps column names to Python values (``None``: not known by
+        this writer). ``retries`` is the attempt the write comes from, or None
+        when unknown (``update_state`` without a request): it then counts as
+        the stored attempt. ``replace_call`` lets this write replace the stored
+        call (args, options) instead of only filling it.
+        """
+        connection = connections[using]
+        sql, params = _build_upsert(
+            self.model, connection, values, retries=retries, replace_call=replace_call
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+
+    def record_publish(self, values: Mapping[str, Any], *, using: str) -> None:
+        """Insert a PENDING row if none exists; otherwise only fill what is missing.
+
+        One statement; it never changes the state of an existing row.
+        """
+        connection = connections[using]
+        sql, params = _build_insert_or_fill(self.model, connection, values)
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+
+    def delete_expired(
+        self, expires: timedelta | float, *, using: str, batch_size: int = 5000
+    ) -> int:
+        """Delete final rows done before ``now - expires``, in batches of ``batch_size``.
+
+        Raw statements: no rows are loaded into Python and no delete signals fire.
+        Unfinished rows (PENDING, STARTED, RETRY, SCHEDULED, ...) are never touched.
+        """
+        if not isinstance(expires, timedelta):
+            expires = timedelta(seconds=expires)
+        cutoff = timezone.now() - expires
+        return _delete_in_batches(
+            self.model,
+            connections[using],
+            f"{{date_done}} < %s AND {{status}} IN ({_FINALS_SQL})",
+            [cutoff],
+            batch_size,
+            datetime_field="date_done",
+        )
+
+
+class GroupResultManager(models.Manager):
+    def delete_expired(
+        self, expires: timedelta | float, *, using: str, batch_size: int = 5000
+    ) -> int:
+        if not isinstance(expires, timedelta):
+            expires = timedelta(seconds=expires)
+        cutoff = timezone.now() - expires
+        return _delete_in_batches(
+            self.model,
+            connections[using],
+            "{date_done} < %s",
+            [cutoff],
+            batch_size,
+            datetime_field="date_done",
+        )
+
+
+# -- SQL builders -----------------------------------------------------------
+
+
+def _quote(connection, name: str) -> str:
+    return connection.ops.quote_name(name)
+
+
+def _placeholder(connection, column: str) -> str:
+    if column in JSON_COLUMNS and connection.vendor == "postgresql":
+        return "%s::jsonb"
+    return "%s"
+
+
+def _prep(model, connection, column: str, value: Any) -> Any:
+    """Python value -> database parameter (JSON columns arrive as encoded text)."""
+    if value is None or column in JSON_COLUMNS:
+        return value
+    field = model._meta.get_field(column)
+    return field.get_db_prep_value(value, connection, prepared=False)
+
+
+def _insert_value(model, column: str, value: Any) -> Any:
+    """The value an INSERT needs: the field default where the writer knows nothing."""
+    if value is not None:
+        return value
+    field = model._meta.get_field(column)
+    if field.null:
+        return None
+    return field.get_default()
+
+
+def _on_conflict(connection, table: str) -> str:
+    if connection.vendor == "mysql":
+        return "ON DUPLICATE KEY UPDATE"
+    return f"ON CONFLICT ({_quote(connection, 'task_id')}) DO UPDATE SET"
+
+
+def _insert_clause(model, connection, columns: list[str], values: Mapping[str, Any]):
+    table = _quote(connection, model._meta.db_table)
+    names = ", ".join(_quote(connection, c) for c in columns)
+    holders = ", ".join(_placeholder(connection, c) for c in columns)
+    params = [_prep(model, connection, c, _insert_value(model, c, values.get(c))) for c in columns]
+    return f"INSERT INTO {table} ({names}) VALUES ({holders})", params
+
+
+def _precedence_sql(old_status: str, old_retries: str, new_status: str, retries: int | None) -> str:
+    """SQL that is true when a write of ``new_status`` from attempt ``retries`` wins.
+
+    ``old_status``/``old_retries`` are the SQL references to the stored values.
+
+    * SUCCESS is final: nothing replaces it.
+    * A write from an older attempt never wins.
+    * A final state wins over anything (but SUCCESS) from the same or an older attempt.
+    * A non-final state wins only over a non-final state of the same attempt,
+      or over anything from an older attempt.
+    """
+    incoming = old_retries if retries is None else str(int(retries))
+    not_success = f"{old_status} <> '{SUCCESS}'"
+    if new_status in FINAL_STATES:
+        return f"({not_success} AND {incoming} >= {old_retries})"
+    return (
+        f"({not_success} AND ({incoming} > {old_retries} OR ({incoming} = {old_retries}"
+        f" AND {old_status} NOT IN ({_FINALS_SQL}))))"
+    )
+
+
+def _build_upsert(
+    model, connection, values: Mapping[str, Any], *, retries: int | None, replace_call: bool
+) -> tuple[str, list[Any]]:
+    columns = ["task_id", *COLUMN_POLICY, "status", "retries"]
+    insert_sql, params = _insert_clause(
+        model, connection, columns, {**values, "retries": retries or 0}
+    )
+    table = _quote(connection, model._meta.db_table)
+
+    def old(column: str) -> str:
+        return f"{table}.{_quote(connection, column)}"
+
+    wins = _precedence_sql(old("status"), old("retries"), values["status"], retries)
+
+    sets: list[str] = []
+    for column, policy in COLUMN_POLICY.items():
+        value = _prep(model, connection, column, values.get(column))
+        holder = _placeholder(connection, column)
+        ref = old(column)
+        target = _quote(connection, column)
+        if policy == FILL and replace_call and value is not None:
+            policy = LATEST
+        if policy == FILL:
+            if column == "task":  # NOT NULL, '' means unknown
+                sets.append(f"{target} = COALESCE(NULLIF({ref}, ''), {holder})")
+            else:
+                sets.append(f"{target} = COALESCE({ref}, {holder})")
+            params.append(value)
+        elif policy == LATEST:
+            sets.append(
+                f"{target} = CASE WHEN {wins} THEN COALESCE({holder}, {ref})"
+                f" ELSE COALESCE({ref}, {holder}) END"
+            )
+            params.extend([value, value])
+        elif policy == STATE:
+            sets.append(f"{target} = CASE WHEN {wins} THEN {holder} ELSE {ref} END")
+            params.append(value)
+        else:  # STATE_KEEP
+            sets.append(
+                f"{target} = CASE WHEN {wins} THEN COALESCE({holder}, {ref}) ELSE {ref} END"
+            )
+            params.append(value)
+    # status and retries last. Every expression above reads the stored status
+    # and retries. MySQL applies assignments left to right (later ones see the
+    # new values), so there the retries expression runs after the status one
+    # and asks whether the status is now the incoming one; PostgreSQL and
+    # SQLite see only stored values and can reuse the precedence test.
+    status_col, retries_col = _quote(connection, "status"), _quote(connection, "retries")
+    sets.append(f"{status_col} = CASE WHEN {wins} THEN %s ELSE {old('status')} END")
+    params.append(values["status"])
+    if retries is not None:
+        incoming = int(retries)
+        if connection.vendor == "mysql":
+            won = f"{old('status')} = %s"
+            params.append(values["status"])
+        else:
+            won = wins
+        sets.append(
+            f"{retries_col} = CASE WHEN {won} AND {incoming} > {old('retries')}"
+            f" THEN {incoming} ELSE {old('retries')} END"
+        )
+    sql = f"{insert_sql} {_on_conflict(connection, table)} {', '.join(sets)}"
+    return sql, params
+
+
+#: Columns a publish record may fill on an existing row (never state columns).
+PUBLISH_FILL_COLUMNS = [c for c, p in COLUMN_POLICY.items() if p in (FILL, LATEST)]
+
+
+def _build_insert_or_fill(model, connection, values: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    columns = ["task_id", *PUBLISH_FILL_COLUMNS, "status", "retries", "date_modified"]
+    insert_sql, params = _insert_clause(model, connection, columns, values)
+    table = _quote(connection, model._meta.db_table)
+    sets = []
+    for column in PUBLISH_FILL_COLUMNS:
+        ref = f"{table}.{_quote(connection, column)}"
+        target = _quote(connection, column)
+        holder = _placeholder(connection, column)
+        if column == "task":
+            sets.append(f"{target} = COALESCE(NULLIF({ref}, ''), {holder})")
+        else:
+            sets.append(f"{target} = COALESCE({ref}, {holder})")
+        params.append(_prep(model, connection, column, values.get(column)))
+    sql = f"{insert_sql} {_on_conflict(connection, table)} {', '.join(sets)}"
+    return sql, params
+
+
+def _delete_in_batches(
+    model,
+    connection,
+    where_template: str,
+    where_params: list[Any],
+    batch_size: int,
+    datetime_field: str,
+) -> int:
+    table = _quote(connection, model._meta.db_table)
+    pk = _quote(connection, model._meta.pk.column)
+    where = where_template.format(
+        date_done=_quote(connection, "date_done"), status=_quote(connection, "status")
+    )
+    field = model._meta.get_field(datetime_field)
+    params = [
+        field.get_db_prep_value(p, connection) if isinstance(p, datetime) else p
+        for p in where_params
+    ]
+    if connection.vendor == "mysql":
+        sql = f"DELETE FROM {table} WHERE {where} LIMIT %s"
+    else:
+        sql = f"DELETE FROM {table} WHERE {pk} IN (SELECT {pk} FROM {table} WHERE {where} LIMIT %s)"
+    total = 0
+    while True:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [*params, int(batch_size)])
+            deleted = cursor.rowcount
+        total += max(deleted, 0)
+        if deleted < batch_size:
+            return total

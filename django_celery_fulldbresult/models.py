@@ -1,0 +1,201 @@
+"""The task table and its companions (groups, chord counters, worker heartbeats)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from . import serialization
+from .managers import GroupResultManager, TaskResultManager
+from .states import FINAL_STATES, PENDING, SCHEDULED
+
+
+def _json_field(verbose_name: str, **kwargs: Any) -> models.JSONField:
+    return models.JSONField(
+        verbose_name,
+        null=True,
+        blank=True,
+        encoder=serialization.JSONEncoder,
+        decoder=serialization.JSONDecoder,
+        **kwargs,
+    )
+
+
+class TaskResultMeta(models.Model):
+    """One row per task id: what was sent, where, and what became of it.
+
+    Attribute names of 0.5.x are kept (``task``, ``args``, ``kwargs``,
+    ``status``, ``result``, ``date_submitted``, ``date_done``, ``eta``,
+    ``expires``, ``hostname``, ``traceback``).
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    task_id = models.CharField(_("task id"), max_length=255, unique=True)
+    task = models.CharField(_("task name"), max_length=255, blank=True, default="")
+    # No choices: custom states set through update_state() are valid states.
+    status = models.CharField(_("state"), max_length=50, default=PENDING)
+
+    # The call, exactly: JSON with typed envelopes, or packed with the task serializer.
+    args = _json_field(_("arguments"))
+    kwargs = _json_field(_("keyword arguments"))
+    packed_args = models.BinaryField(
+        _("packed arguments"),
+        null=True,
+        blank=True,
+        help_text=_("(args, kwargs) encoded with the task serializer when JSON cannot hold them"),
+    )
+    packed_args_content_type = models.CharField(max_length=128, null=True, blank=True)
+    argsrepr = models.TextField(_("arguments (repr)"), null=True, blank=True)
+    kwargsrepr = models.TextField(_("keyword arguments (repr)"), null=True, blank=True)
+    replayable = models.BooleanField(
+        _("replayable"),
+        default=True,
+        help_text=_("False when the arguments were deliberately not stored"),
+    )
+    options = _json_field(
+        _("message options"),
+        help_text=_("link, link_error, chain, chord, headers, time limits, shadow, ..."),
+    )
+
+    # Routing.
+    queue = models.CharField(_("queue"), max_length=255, null=True, blank=True)
+    exchange = models.CharField(_("exchange"), max_length=255, null=True, blank=True)
+    routing_key = models.CharField(_("routing key"), max_length=255, null=True, blank=True)
+    priority = models.PositiveSmallIntegerField(_("priority"), null=True, blank=True)
+
+    # Lineage.
+    parent_id = models.CharField(_("parent id"), max_length=255, null=True, blank=True)
+    root_id = models.CharField(_("root id"), max_length=255, null=True, blank=True)
+    group_id = models.CharField(_("group id"), max_length=255, null=True, blank=True)
+    periodic_task_name = models.CharField(
+        _("periodic task name"), max_length=255, null=True, blank=True
+    )
+
+    # Outcome.
+    result = models.TextField(_("result"), null=True, blank=True, editable=False)
+    content_type = models.CharField(_("result content type"), max_length=128, null=True)
+    content_encoding = models.CharField(_("result encoding"), max_length=64, null=True)
+    traceback = models.TextField(_("traceback"), null=True, blank=True)
+    meta = _json_field(_("meta"), editable=False)
+    hostname = models.CharField(_("worker"), max_length=255, null=True, blank=True)
+    retries = models.PositiveIntegerField(_("retries"), default=0)
+
+    # Time.
+    eta = models.DateTimeField(_("eta"), null=True, blank=True)
+    expires = models.DateTimeField(_("expires"), null=True, blank=True)
+    date_submitted = models.DateTimeField(_("submitted at"), null=True, blank=True)
+    date_started = models.DateTimeField(_("started at"), null=True, blank=True)
+    date_done = models.DateTimeField(_("done at"), null=True, blank=True)
+    date_modified = models.DateTimeField(_("last state change"), default=timezone.now)
+
+    objects = TaskResultManager()
+
+    class Meta:
+        verbose_name = _("task state")
+        verbose_name_plural = _("task states")
+        indexes = [
+            # Stale-task queries: unfinished rows by age (PostgreSQL, SQLite).
+            models.Index(
+                fields=["date_modified"],
+                name="fdr_unfinished_idx",
+                condition=~Q(status__in=sorted(FINAL_STATES)),
+            ),
+            # Stale queries where partial indexes do not exist (MySQL), and state filters.
+            models.Index(fields=["status", "date_modified"], name="fdr_state_modified_idx"),
+            # Scheduled rows by due time: the scheduler's due poll and overdue checks.
+            models.Index(
+                fields=["eta"], name="fdr_scheduled_eta_idx", condition=Q(status=SCHEDULED)
+            ),
+            # Expiry cleanup: only final rows have date_done.
+            models.Index(fields=["date_done"], name="fdr_done_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"<Task: {self.task_id} state={self.status}>"
+
+    # Celery's result_extended names.
+    @property
+    def name(self) -> str:
+        return self.task
+
+    @property
+    def worker(self) -> str | None:
+        return self.hostname
+
+    @property
+    def state(self) -> str:
+        return self.status
+
+    def get_call(self, accept=None) -> tuple[list, dict]:
+        """The stored (args, kwargs), whether kept as JSON or packed."""
+        if self.packed_args is not None:
+            from celery import current_app
+
+            accept = current_app.conf.accept_content if accept is None else accept
+            return serialization.decode_packed(
+                self.packed_args, self.packed_args_content_type, accept
+            )
+        return list(self.args or []), dict(self.kwargs or {})
+
+    def get_result(self, accept=None) -> Any:
+        """The decoded result; pickle is refused unless ``result_accept_content`` allows it."""
+        if accept is None:
+            from celery import current_app
+
+            accept = current_app.backend.accept
+        return serialization.decode_result(
+            self.result, self.content_type, self.content_encoding, accept
+        )
+
+    @property
+    def result_repr(self) -> str:
+        return "" if self.result is None else str(self.result)
+
+
+class GroupResultMeta(models.Model):
+    """A saved ``GroupResult`` (``GroupResult.save()``), one row per group id."""
+
+    id = models.BigAutoField(primary_key=True)
+    group_id = models.CharField(_("group id"), max_length=255, unique=True)
+    result = models.TextField(_("result"), editable=False)
+    content_type = models.CharField(max_length=128)
+    content_encoding = models.CharField(max_length=64)
+    date_done = models.DateTimeField(_("saved at"), default=timezone.now, db_index=True)
+
+    objects = GroupResultManager()
+
+    class Meta:
+        verbose_name = _("group result")
+        verbose_name_plural = _("group results")
+
+    def __str__(self) -> str:
+        return f"<Group: {self.group_id}>"
+
+
+class ChordCounter(models.Model):
+    """Counts the finished header tasks of a chord (native chord support, no polling)."""
+
+    id = models.BigAutoField(primary_key=True)
+    group_id = models.CharField(max_length=255, unique=True)
+    count = models.PositiveIntegerField(default=0)
+    total = models.PositiveIntegerField(null=True)
+    date_created = models.DateTimeField(default=timezone.now, db_index=True)
+
+    def __str__(self) -> str:
+        return f"<Chord: {self.group_id} {self.count}/{self.total}>"
+
+
+class WorkerHeartbeat(models.Model):
+    """The last sign of life of each worker; tells a long task from a lost one."""
+
+    id = models.BigAutoField(primary_key=True)
+    hostname = models.CharField(max_length=255, unique=True)
+    pid = models.PositiveIntegerField(null=True)
+    last_seen = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"<Worker: {self.hostname} seen {self.last_seen}>"

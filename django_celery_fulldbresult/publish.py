@@ -1,0 +1,119 @@
+"""Publish tracking: a PENDING row for every task sent.
+
+Enabled by ``DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = True``.
+
+The row is read from the message in ``before_task_publish`` (which sees the
+priority and the declared queue) and written in ``after_task_publish``, so a
+message the broker refused leaves no row behind. The write is an
+insert-if-absent on the dedicated autocommit connection:
+
+* it never changes an existing row's state (a worker that already finished,
+  a retry republishing the same id), it only fills what the row lacks;
+* inside the caller's ``transaction.atomic()`` it commits at once: the worker
+  never waits on the caller's locks and a rollback keeps the record of a task
+  that was really sent;
+* it never makes ``apply_async`` fail: errors are logged and the task is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import current_app
+from django.db import connections, transaction
+
+from . import conf, db, records
+from .states import PENDING
+
+logger = logging.getLogger(__name__)
+
+_pending = threading.local()
+
+
+def result_ignored(app: Any, name: str, headers: dict[str, Any]) -> bool:
+    """True when nobody will store this task's result (task, app or per-call setting)."""
+    flag = headers.get("ignore_result")
+    if flag is not None:  # apply_async always sets it; send_task only per call
+        return bool(flag)
+    task = app.tasks.get(name)
+    if task is not None:
+        return bool(task.ignore_result)
+    return bool(app.conf.task_ignore_result)
+
+
+def on_before_publish(
+    sender: str | None = None,
+    body: Any = None,
+    exchange: str | None = None,
+    routing_key: str | None = None,
+    headers: dict[str, Any] | None = None,
+    properties: dict[str, Any] | None = None,
+    declare: Any = None,
+    **kwargs: Any,
+) -> None:
+    _pending.values = None
+    if not conf.track_publish():
+        return
+    try:
+        headers = headers if headers is not None else (body if isinstance(body, dict) else {})
+        app = current_app
+        if result_ignored(app, sender, headers):
+            return
+        _pending.values = records.from_message(
+            app, sender, body, headers, properties or {}, exchange, routing_key, declare
+        )
+    except Exception:  # noqa: BLE001 - tracking must never stop a publish
+        logger.exception("publish tracking: could not read the message of %s", sender)
+
+
+def on_after_publish(
+    sender: str | None = None, body: Any = None, headers: dict[str, Any] | None = None, **kwargs
+) -> None:
+    values = getattr(_pending, "values", None)
+    _pending.values = None
+    if values is None:
+        return
+    task_id = (headers or {}).get("id") or (body.get("id") if isinstance(body, dict) else None)
+    if task_id != values["task_id"]:
+        return
+    try:
+        record(values)
+    except Exception:  # noqa: BLE001
+        logger.exception(
+            "publish tracking: the task %s (%s) was sent but its PENDING row could not be written",
+            values["task_id"],
+            sender,
+        )
+
+
+def _tracking_alias() -> str:
+    """Where to write: the dedicated connection, except on SQLite inside a transaction.
+
+    SQLite locks the whole database for a writing transaction, so a second
+    connection would wait for the caller's commit; there the row joins the
+    caller's transaction instead (documented limitation of SQLite).
+    """
+    base = db.task_db_alias()
+    caller = connections[base]
+    if caller.vendor == "sqlite" and caller.in_atomic_block:
+        return base
+    return db.write_alias()
+
+
+def record(values: dict[str, Any]) -> None:
+    """Write the PENDING row (insert-if-absent, fill-only) in one statement."""
+    from .models import TaskResultMeta
+
+    values = {**values, "status": PENDING}
+    using = _tracking_alias()
+    if connections[using].in_atomic_block:
+        # In the caller's transaction: a savepoint keeps a failed insert from
+        # breaking the caller's transaction.
+        with transaction.atomic(using=using):
+            TaskResultMeta.objects.record_publish(values, using=using)
+        return
+    db.run_with_reconnect(
+        lambda alias: TaskResultMeta.objects.record_publish(values, using=alias), using
+    )

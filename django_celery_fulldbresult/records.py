@@ -1,0 +1,232 @@
+"""What a task row holds, read from a published message or from a worker request.
+
+Both sources produce the same column -> value mapping, so the publish record,
+the worker's writes and (later) the scheduler all agree on what a faithful
+re-send needs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from . import conf, serialization
+
+#: Headers of Celery's message protocol 2; anything else is a custom header.
+PROTOCOL_HEADERS = frozenset(
+    {
+        "lang",
+        "task",
+        "id",
+        "shadow",
+        "eta",
+        "expires",
+        "group",
+        "group_index",
+        "retries",
+        "timelimit",
+        "root_id",
+        "parent_id",
+        "argsrepr",
+        "kwargsrepr",
+        "origin",
+        "ignore_result",
+        "replaced_task_nesting",
+        "stamped_headers",
+        "stamps",
+        "periodic_task_name",
+    }
+)
+
+
+def to_datetime(value: Any) -> datetime | None:
+    """An ISO string or datetime, made to fit the project's ``USE_TZ``."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        parsed = parse_datetime(value)
+        if parsed is None:
+            return None
+        value = parsed
+    if not isinstance(value, datetime):
+        return None
+    if settings.USE_TZ and timezone.is_naive(value):
+        return timezone.make_aware(value, timezone.get_default_timezone())
+    if not settings.USE_TZ and timezone.is_aware(value):
+        return timezone.make_naive(value, timezone.get_default_timezone())
+    return value
+
+
+def stores_args(task_name: str, task: Any = None) -> bool:
+    """False for tasks whose arguments must not be stored (secrets).
+
+    Global: ``DJANGO_CELERY_FULLDBRESULT_STORE_ARGS = False``; by name:
+    ``DJANGO_CELERY_FULLDBRESULT_SECRET_TASKS = ["billing.*"]``; per task:
+    ``@shared_task(store_args=False)``.
+    """
+    if not conf.get("STORE_ARGS"):
+        return False
+    if task is not None and getattr(task, "store_args", True) is False:
+        return False
+    return not any(fnmatch.fnmatchcase(task_name, p) for p in conf.get("SECRET_TASKS"))
+
+
+def call_columns(
+    task_name: str, args: Any, kwargs: Any, argsrepr: Any, kwargsrepr: Any, task: Any, app: Any
+) -> dict[str, Any]:
+    """The args/kwargs columns: stored exactly, or only as repr for secret tasks."""
+    if not stores_args(task_name, task):
+        return {
+            "argsrepr": argsrepr if argsrepr is not None else "<hidden>",
+            "kwargsrepr": kwargsrepr if kwargsrepr is not None else "<hidden>",
+            "replayable": False,
+        }
+    encoded = serialization.encode_call(args, kwargs, app.conf.task_serializer)
+    return {
+        "args": encoded.args,
+        "kwargs": encoded.kwargs,
+        "packed_args": encoded.packed,
+        "packed_args_content_type": encoded.packed_content_type,
+        "argsrepr": argsrepr,
+        "kwargsrepr": kwargsrepr,
+        "replayable": True,
+    }
+
+
+def _clean(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v not in (None, [], {}, "")}
+
+
+def options_text(options: dict[str, Any]) -> str | None:
+    """The options column as JSON text (None when empty or not encodable)."""
+    options = _clean(options)
+    if not options:
+        return None
+    return serialization.json_text_or_none(options)
+
+
+def _time_limits(timelimit: Any) -> dict[str, Any]:
+    hard, soft = (list(timelimit or ()) + [None, None])[:2]
+    return {"time_limit": hard, "soft_time_limit": soft}
+
+
+def from_message(
+    app: Any,
+    name: str,
+    body: Any,
+    headers: dict[str, Any],
+    properties: dict[str, Any],
+    exchange: str | None,
+    routing_key: str | None,
+    declare: Any,
+) -> dict[str, Any]:
+    """Row values for a message about to be published (protocol 2, or 1)."""
+    if isinstance(body, dict):  # protocol 1: everything is in the body
+        headers = {**body, "group": body.get("taskset")}
+        args, kwargs = body.get("args"), body.get("kwargs")
+        embed = {k: body.get(k) for k in ("callbacks", "errbacks", "chain", "chord")}
+    else:
+        args, kwargs, embed = body
+        embed = embed or {}
+    task = app.tasks.get(name)
+    custom_headers = {k: v for k, v in headers.items() if k not in PROTOCOL_HEADERS}
+    queue = None
+    for entity in declare or ():
+        queue = getattr(entity, "name", None) or queue
+        break
+    options = {
+        "link": embed.get("callbacks"),
+        "link_error": embed.get("errbacks"),
+        "chain": embed.get("chain"),
+        "chord": embed.get("chord"),
+        "shadow": headers.get("shadow"),
+        "group_index": headers.get("group_index"),
+        "headers": custom_headers,
+        **_time_limits(headers.get("timelimit")),
+    }
+    now = timezone.now()
+    return {
+        "task_id": headers["id"],
+        "task": name,
+        **call_columns(
+            name, args, kwargs, headers.get("argsrepr"), headers.get("kwargsrepr"), task, app
+        ),
+        "options": options_text(options),
+        "queue": queue or routing_key or None,
+        "exchange": exchange,
+        "routing_key": routing_key,
+        "priority": properties.get("priority"),
+        "parent_id": headers.get("parent_id"),
+        "root_id": headers.get("root_id"),
+        "group_id": headers.get("group"),
+        "periodic_task_name": headers.get("periodic_task_name"),
+        "eta": to_datetime(headers.get("eta")),
+        "expires": to_datetime(headers.get("expires")),
+        "retries": int(headers.get("retries") or 0),
+        "date_submitted": now,
+        "date_modified": now,
+    }
+
+
+def task_name_of(request: Any) -> str | None:
+    """The task name on a worker Context or Request (``.task`` may be a Task there)."""
+    for attr in ("task", "name", "task_name"):
+        value = getattr(request, attr, None)
+        if isinstance(value, str) and value:
+            return value
+        if value is not None and isinstance(getattr(value, "name", None), str):
+            return value.name
+    return None
+
+
+def from_request(app: Any, request: Any) -> dict[str, Any]:
+    """Row values a worker knows about the task it runs (everything but the state)."""
+    name = task_name_of(request) or ""
+    delivery_info = getattr(request, "delivery_info", None) or {}
+    options = {
+        "link": getattr(request, "callbacks", None),
+        "link_error": getattr(request, "errbacks", None),
+        "chain": getattr(request, "chain", None),
+        "chord": getattr(request, "chord", None),
+        "shadow": getattr(request, "shadow", None),
+        "group_index": getattr(request, "group_index", None),
+        **_time_limits(getattr(request, "timelimit", None)),
+    }
+    values = {
+        "task": name,
+        "options": options_text(options),
+        "exchange": delivery_info.get("exchange") or None,
+        "routing_key": delivery_info.get("routing_key") or None,
+        "queue": delivery_info.get("routing_key") or None,
+        "priority": delivery_info.get("priority"),
+        "parent_id": getattr(request, "parent_id", None),
+        "root_id": getattr(request, "root_id", None),
+        "group_id": getattr(request, "group", None),
+        "periodic_task_name": getattr(request, "periodic_task_name", None),
+        "hostname": getattr(request, "hostname", None),
+        "eta": to_datetime(getattr(request, "eta", None)),
+        "expires": to_datetime(getattr(request, "expires", None)),
+    }
+    if name and getattr(request, "args", None) is not None:
+        values.update(
+            call_columns(
+                name,
+                request.args,
+                getattr(request, "kwargs", None),
+                getattr(request, "argsrepr", None),
+                getattr(request, "kwargsrepr", None),
+                app.tasks.get(name),
+                app,
+            )
+        )
+    return values
+
+
+def request_retries(request: Any) -> int | None:
+    retries = getattr(request, "retries", None)
+    return None if retries is None else int(retries)

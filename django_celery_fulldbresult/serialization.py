@@ -1,0 +1,151 @@
+"""Encoding of task arguments, results and stored JSON.
+
+Arguments are stored as JSON with kombu's typed envelopes, so ``datetime``,
+``Decimal``, ``UUID`` and ``bytes`` survive a round trip and the columns stay
+queryable with Django's JSON lookups. Values JSON cannot hold (custom objects
+sent with the pickle serializer) are packed with the task serializer instead,
+so nothing is lost or truncated.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kombu.exceptions import DecodeError, EncodeError
+from kombu.serialization import dumps as kombu_dumps
+from kombu.serialization import loads as kombu_loads
+from kombu.utils import json as kombu_json
+
+JSON_CONTENT_TYPE = "application/json"
+
+
+class JSONEncoder(kombu_json.JSONEncoder):
+    """kombu's encoder: datetime, date, time, Decimal, UUID and bytes become envelopes."""
+
+
+class JSONDecoder(json.JSONDecoder):
+    """Turns kombu's typed envelopes back into Python values."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("object_hook", kombu_json.object_hook)
+        super().__init__(*args, **kwargs)
+
+
+def dumps(data: Any) -> str:
+    """Encode ``data`` as JSON text with typed envelopes.
+
+    Raises ``TypeError`` for values JSON cannot hold (the 0.5.x contract).
+    """
+    try:
+        return json.dumps(data, cls=JSONEncoder, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"cannot encode {type(data).__name__} as JSON: {exc}") from exc
+
+
+def loads(
+    data: Any, content_type: str = JSON_CONTENT_TYPE, encoding: str = "utf-8", accept=None
+) -> Any:
+    """Decode a stored value.
+
+    Accepts JSON text (what 0.5.x stored) as well as values a JSON column has
+    already decoded, so ``serialization.loads(row.args)`` works on 0.5.x and
+    1.x rows alike. Other content types go through kombu with ``accept``.
+    """
+    if data is None or isinstance(data, (list, dict, int, float, bool)):
+        return data
+    try:
+        if content_type == JSON_CONTENT_TYPE:
+            return kombu_json.loads(data)
+        return kombu_loads(data, content_type, encoding, accept=accept)
+    except (DecodeError, ValueError) as exc:
+        raise TypeError(f"cannot decode stored value: {exc}") from exc
+
+
+def json_text_or_none(value: Any) -> str | None:
+    """JSON text for ``value``, or None when JSON (or the database) cannot hold it.
+
+    PostgreSQL's jsonb rejects NUL characters, so those values are packed too.
+    """
+    try:
+        text = dumps(value)
+    except TypeError:
+        return None
+    if "\\u0000" in text:
+        return None
+    return text
+
+
+@dataclass(frozen=True)
+class EncodedCall:
+    """How a task's args/kwargs are stored: JSON columns, or a packed payload."""
+
+    args: str | None  # JSON text
+    kwargs: str | None  # JSON text
+    packed: bytes | None = None
+    packed_content_type: str | None = None
+
+
+def encode_call(args: Any, kwargs: Any, serializer: str) -> EncodedCall:
+    """Encode args/kwargs for storage, falling back to the task serializer."""
+    args = list(args or ())
+    kwargs = dict(kwargs or {})
+    args_text, kwargs_text = json_text_or_none(args), json_text_or_none(kwargs)
+    if args_text is not None and kwargs_text is not None:
+        return EncodedCall(args_text, kwargs_text)
+    content_type, _encoding, payload = kombu_dumps([args, kwargs], serializer=serializer)
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
+    return EncodedCall(None, None, payload, content_type)
+
+
+def decode_packed(payload: bytes, content_type: str, accept) -> tuple[list, dict]:
+    """Decode a packed (args, kwargs) pair; ``accept`` guards against pickle."""
+    args, kwargs = kombu_loads(bytes(payload), content_type, "binary", accept=accept)
+    return list(args), dict(kwargs)
+
+
+@dataclass(frozen=True)
+class EncodedResult:
+    data: str | None
+    content_type: str
+    content_encoding: str
+
+
+def encode_result(value: Any, serializer: str) -> EncodedResult:
+    """Encode a result with ``serializer``; binary payloads are stored as base64 text."""
+    content_type, content_encoding, data = kombu_dumps(value, serializer=serializer)
+    if content_encoding == "binary":
+        data = base64.b64encode(data).decode("ascii")
+    elif isinstance(data, bytes):
+        data = data.decode(content_encoding or "utf-8")
+    return EncodedResult(data, content_type, content_encoding)
+
+
+def forced_json(value: Any) -> EncodedResult:
+    """The FORCE_JSON envelope for a value JSON cannot hold."""
+    data = dumps({"value": str(value), "forced_json": True})
+    return EncodedResult(data, JSON_CONTENT_TYPE, "utf-8")
+
+
+def encode_result_json(value: Any, force: bool) -> EncodedResult:
+    """Encode a result as plain JSON (USE_JSON), optionally forcing unencodable values."""
+    try:
+        data = dumps(value)
+    except TypeError as exc:
+        if force:
+            return forced_json(value)
+        raise EncodeError(str(exc)) from exc
+    return EncodedResult(data, JSON_CONTENT_TYPE, "utf-8")
+
+
+def decode_result(data: str | None, content_type: str, content_encoding: str, accept) -> Any:
+    """Decode a stored result; raises kombu's ContentDisallowed for untrusted types."""
+    if data is None:
+        return None
+    payload: str | bytes = data
+    if content_encoding == "binary":
+        payload = base64.b64decode(data)
+    return kombu_loads(payload, content_type, content_encoding, accept=accept)

@@ -1,0 +1,74 @@
+"""Tasks used by the demo, the tests and the benchmarks."""
+
+import os
+import time
+
+from celery import shared_task
+
+
+@shared_task
+def add(x, y):
+    return x + y
+
+
+@shared_task
+def echo(*args, **kwargs):
+    """Return what it was called with (typed values round-trip through the message)."""
+    return {"args": list(args), "kwargs": kwargs}
+
+
+@shared_task
+def noop():
+    return None
+
+
+@shared_task
+def fail(message="boom"):
+    raise ValueError(message)
+
+
+@shared_task(bind=True, max_retries=3, default_retry_delay=0)
+def flaky(self, succeed_on=2):
+    """Retries until attempt ``succeed_on`` (0-based), then succeeds."""
+    if self.request.retries < succeed_on:
+        raise self.retry(exc=RuntimeError(f"attempt {self.request.retries} failed"), countdown=0)
+    return f"succeeded after {self.request.retries} retries"
+
+
+@shared_task
+def sleep(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@shared_task(bind=True)
+def progress(self, steps=3, pause=0.05):
+    for step in range(steps):
+        self.update_state(state="PROGRESS", meta={"step": step, "of": steps})
+        time.sleep(pause)
+    return steps
+
+
+@shared_task
+def unserialisable():
+    return object()
+
+
+@shared_task(store_args=False)
+def charge_card(card_number, amount):
+    return f"charged {amount}"
+
+
+@shared_task
+def pid():
+    return os.getpid()
+
+
+@shared_task
+def tsum(values):
+    return sum(values)
+
+
+@shared_task(ignore_result=True)
+def fire_and_forget():
+    return "ignored"

@@ -1,0 +1,148 @@
+"""Settings of the demo and test project.
+
+``FULLDB_STACK`` selects the database and broker:
+
+* ``sqlite`` (default): SQLite file + kombu's filesystem broker, no server needed;
+* ``pg-rabbit``: PostgreSQL + RabbitMQ on 127.0.0.1;
+* ``maria-redis``: MariaDB/MySQL + Redis on 127.0.0.1.
+
+``FULLDB_TEST_DB=1`` points the project at the test database (used by the
+worker processes that the tests start).
+"""
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent
+VAR_DIR = Path(os.environ.get("FULLDB_VAR_DIR", BASE_DIR / "var"))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+SECRET_KEY = "testproject-not-secret"
+DEBUG = os.environ.get("FULLDB_DEBUG", "1") == "1"
+ALLOWED_HOSTS = ["*"]
+USE_TZ = os.environ.get("FULLDB_USE_TZ", "1") == "1"
+TIME_ZONE = "UTC"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_celery_beat",
+    "django_celery_results",
+    "django_celery_fulldbresult",
+    "testproject.demo",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+
+ROOT_URLCONF = "testproject.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+STATIC_URL = "/static/"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+STACK = os.environ.get("FULLDB_STACK", "sqlite")
+USE_TEST_DB = os.environ.get("FULLDB_TEST_DB") == "1"
+DB_NAME = os.environ.get("FULLDB_DB_NAME", "fulldbresult")
+
+
+def _database() -> dict:
+    if STACK == "pg-rabbit":
+        db = {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": DB_NAME,
+            "USER": os.environ.get("PGUSER", "postgres"),
+            "HOST": "127.0.0.1",
+            "PORT": "5432",
+        }
+    elif STACK == "maria-redis":
+        db = {
+            "ENGINE": "django.db.backends.mysql",
+            "NAME": DB_NAME,
+            "USER": "root",
+            "PASSWORD": "",
+            "HOST": "127.0.0.1",
+            "PORT": "3306",
+            "OPTIONS": {"charset": "utf8mb4", "isolation_level": "read committed"},
+        }
+    elif STACK == "sqlite":
+        db = {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(VAR_DIR / f"{DB_NAME}.sqlite3"),
+            "OPTIONS": {"timeout": 30},
+        }
+    else:
+        raise RuntimeError(f"unknown FULLDB_STACK {STACK!r}")
+    test_name = f"test_{DB_NAME}"
+    if STACK == "sqlite":
+        test_name = str(VAR_DIR / f"test_{DB_NAME}.sqlite3")
+    db["TEST"] = {"NAME": test_name}
+    if USE_TEST_DB:
+        db["NAME"] = test_name
+    return db
+
+
+DATABASES = {"default": _database()}
+
+
+def _broker() -> tuple[str, dict]:
+    if STACK == "pg-rabbit":
+        return "amqp://guest:guest@127.0.0.1:5672//", {}
+    if STACK == "maria-redis":
+        return "redis://127.0.0.1:6379/7", {}
+    folder = Path(os.environ.get("FULLDB_BROKER_DIR", VAR_DIR / "broker"))
+    for sub in ("queue", "control"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    return "filesystem://", {
+        "data_folder_in": str(folder / "queue"),
+        "data_folder_out": str(folder / "queue"),
+        "control_folder": str(folder / "control"),
+    }
+
+
+CELERY_BROKER_URL, CELERY_BROKER_TRANSPORT_OPTIONS = _broker()
+CELERY_RESULT_BACKEND = "django_celery_fulldbresult.result_backends:DatabaseResultBackend"
+CELERY_TASK_TRACK_STARTED = True
+CELERY_RESULT_EXPIRES = timedelta(days=1)
+CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
+CELERY_RESULT_BACKEND_MAX_RETRIES = 30
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_TASK_ACKS_LATE = False
+# Keep Django's connections between tasks (the backend has its own anyway).
+CELERY_DB_REUSE_MAX = 1000
+
+DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = True
+DJANGO_CELERY_FULLDBRESULT_WORKER_HEARTBEAT = float(os.environ.get("FULLDB_HEARTBEAT", "2"))
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {
+        "django_celery_fulldbresult": {"handlers": ["console"], "level": "WARNING"},
+    },
+}
