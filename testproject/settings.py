@@ -7,7 +7,8 @@
 * ``maria-redis``: MariaDB/MySQL + Redis on 127.0.0.1.
 
 ``FULLDB_TEST_DB=1`` points the project at the test database (used by the
-worker processes that the tests start).
+worker processes that the tests start). ``FULLDB_DB_NAME``, ``FULLDB_VAR_DIR``,
+``FULLDB_QUEUE`` and ``FULLDB_REDIS_DB`` keep concurrent runs apart.
 """
 
 import os
@@ -112,7 +113,7 @@ def _broker() -> tuple[str, dict]:
     if STACK == "pg-rabbit":
         return "amqp://guest:guest@127.0.0.1:5672//", {}
     if STACK == "maria-redis":
-        return "redis://127.0.0.1:6379/7", {}
+        return f"redis://127.0.0.1:6379/{os.environ.get('FULLDB_REDIS_DB', '7')}", {}
     folder = Path(os.environ.get("FULLDB_BROKER_DIR", VAR_DIR / "broker"))
     for sub in ("queue", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -124,6 +125,8 @@ def _broker() -> tuple[str, dict]:
 
 
 CELERY_BROKER_URL, CELERY_BROKER_TRANSPORT_OPTIONS = _broker()
+# Separate queues let several test or benchmark runs share one RabbitMQ/Redis.
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("FULLDB_QUEUE", "celery")
 CELERY_RESULT_BACKEND = "django_celery_fulldbresult.result_backends:DatabaseResultBackend"
 CELERY_TASK_TRACK_STARTED = True
 CELERY_RESULT_EXPIRES = timedelta(days=1)

@@ -1,0 +1,48 @@
+# One command each, from a clean clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-services test-matrix bench lint services clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,postgres]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## Demo on SQLite + the filesystem broker: starts a worker, sends tasks, prints the table.
+demo: venv
+	$(PY) scripts/demo.py
+
+## The test suite on SQLite + the filesystem broker (no services needed).
+test: venv
+	$(PY) -m pytest
+
+## The suite against PostgreSQL + RabbitMQ and MariaDB + Redis (services must be up).
+test-services: venv
+	bash scripts/services.sh
+	$(PY) -m pip install -q 'mysqlclient>=2.2'
+	FULLDB_STACK=pg-rabbit $(PY) -m pytest
+	FULLDB_STACK=maria-redis $(PY) -m pytest
+
+## Other Django/Python versions (Django 4.2 on 3.10, 6.0 on 3.12).
+test-matrix:
+	bash scripts/matrix.sh
+
+bench: venv
+	bash scripts/services.sh
+	$(PY) bench/run.py
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+services:
+	bash scripts/services.sh
+
+clean:
+	rm -rf $(VENV) testproject/var .pytest_cache
