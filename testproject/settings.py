@@ -127,7 +127,12 @@ def _broker() -> tuple[str, dict]:
 CELERY_BROKER_URL, CELERY_BROKER_TRANSPORT_OPTIONS = _broker()
 # Separate queues let several test or benchmark runs share one RabbitMQ/Redis.
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("FULLDB_QUEUE", "celery")
-CELERY_RESULT_BACKEND = "django_celery_fulldbresult.result_backends:DatabaseResultBackend"
+# FULLDB_BACKEND=django-db switches to django-celery-results (benchmarks compare the two).
+if os.environ.get("FULLDB_BACKEND", "fulldb") == "django-db":
+    CELERY_RESULT_BACKEND = "django-db"
+    CELERY_RESULT_EXTENDED = True
+else:
+    CELERY_RESULT_BACKEND = "django_celery_fulldbresult.result_backends:DatabaseResultBackend"
 CELERY_TASK_TRACK_STARTED = True
 CELERY_RESULT_EXPIRES = timedelta(days=1)
 CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
@@ -135,8 +140,10 @@ CELERY_RESULT_BACKEND_MAX_RETRIES = 30
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_ACKS_LATE = False
-# Keep Django's connections between tasks (the backend has its own anyway).
-CELERY_DB_REUSE_MAX = 1000
+# Keep Django's connections between tasks (the backend has its own anyway);
+# FULLDB_DB_REUSE_MAX="" leaves Celery's default (close around every task).
+if os.environ.get("FULLDB_DB_REUSE_MAX", "1000"):
+    CELERY_DB_REUSE_MAX = int(os.environ.get("FULLDB_DB_REUSE_MAX", "1000"))
 
 DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = True
 DJANGO_CELERY_FULLDBRESULT_WORKER_HEARTBEAT = float(os.environ.get("FULLDB_HEARTBEAT", "2"))
