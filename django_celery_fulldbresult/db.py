@@ -83,6 +83,22 @@ def run_with_reconnect(operation: Callable[[str], T], using: str | None = None) 
         return operation(using)
 
 
+def close_all() -> None:
+    """Close the dedicated connections of every thread (tests, process shutdown).
+
+    Closes the driver connections directly: Django refuses to close a
+    connection from another thread, and these threads may be gone already.
+    """
+    with _created_lock:
+        wrappers = [ref() for ref in _created]
+    for wrapper in wrappers:
+        if wrapper is None or wrapper.connection is None:
+            continue
+        with contextlib.suppress(Exception):
+            wrapper.connection.close()
+        wrapper.connection = None
+
+
 def _close_inherited_connections() -> None:
     """After fork: drop the parent's sockets without talking over them."""
     with _created_lock:

@@ -76,14 +76,40 @@ def stores_args(task_name: str, task: Any = None) -> bool:
     return not any(fnmatch.fnmatchcase(task_name, p) for p in conf.get("SECRET_TASKS"))
 
 
+def _default_reprs(value: Any, app: Any) -> set[str]:
+    """The reprs Celery would have put in the message by itself for ``value``."""
+    from celery.utils.saferepr import saferepr
+
+    maxsize = getattr(app.amqp, "argsrepr_maxsize", 1024)
+    maxlevels = app.conf.get("task_repr_maxlevels", 3)
+    if isinstance(value, dict):
+        forms: list[Any] = [value]
+    else:
+        forms = [tuple(value or ()), list(value or ())]
+    return {saferepr(form, maxsize, maxlevels=maxlevels) for form in forms}
+
+
+def redacted_repr(given: Any, value: Any, app: Any) -> str:
+    """What to show for the arguments of a secret task.
+
+    A repr the caller set on purpose (``apply_async(argsrepr=...)``, Celery's
+    way of hiding secrets) is kept; Celery's default repr would show the
+    secret itself, so it is replaced.
+    """
+    if isinstance(given, str) and given not in _default_reprs(value, app):
+        return given
+    count = len(value or ())
+    return f"<{count} hidden>"
+
+
 def call_columns(
     task_name: str, args: Any, kwargs: Any, argsrepr: Any, kwargsrepr: Any, task: Any, app: Any
 ) -> dict[str, Any]:
     """The args/kwargs columns: stored exactly, or only as repr for secret tasks."""
     if not stores_args(task_name, task):
         return {
-            "argsrepr": argsrepr if argsrepr is not None else "<hidden>",
-            "kwargsrepr": kwargsrepr if kwargsrepr is not None else "<hidden>",
+            "argsrepr": redacted_repr(argsrepr, args, app),
+            "kwargsrepr": redacted_repr(kwargsrepr, kwargs, app),
             "replayable": False,
         }
     encoded = serialization.encode_call(args, kwargs, app.conf.task_serializer)

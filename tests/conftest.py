@@ -1,0 +1,199 @@
+"""Fixtures: a real Celery worker in a thread, real worker processes, and helpers.
+
+The stack comes from ``FULLDB_STACK`` (see testproject/settings.py): SQLite +
+filesystem broker by default, ``pg-rabbit`` or ``maria-redis`` in CI. A stack
+that was asked for but cannot be reached fails the run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from django.db import connections
+
+REPO = Path(__file__).resolve().parents[1]
+STACK = os.environ.get("FULLDB_STACK", "sqlite")
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)
+
+
+def vendor() -> str:
+    return connections["default"].vendor
+
+
+requires_server_db = pytest.mark.skipif(
+    STACK == "sqlite", reason="needs a server database (FULLDB_STACK=pg-rabbit or maria-redis)"
+)
+requires_postgresql = pytest.mark.skipif(
+    STACK != "pg-rabbit", reason="needs PostgreSQL (FULLDB_STACK=pg-rabbit)"
+)
+
+
+@pytest.fixture(scope="session")
+def celery_app():
+    from testproject.celery_app import app
+
+    return app
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stack_reachable(celery_app):
+    """Fail (never skip) when the selected broker cannot be reached."""
+    try:
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=3, interval_start=0.5)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"broker for FULLDB_STACK={STACK} is unreachable: {exc!r}", pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_dedicated_connections(django_db_setup):
+    """Close the package's own connections before the test database is dropped."""
+    yield
+    from django_celery_fulldbresult import db
+
+    db.close_all()
+
+
+def _purge(app) -> None:
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for queue in app.amqp.queues.values():
+            queue.bind(channel).declare()
+            queue.bind(channel).purge()
+
+
+@pytest.fixture(scope="session")
+def worker(django_db_setup, django_db_blocker, celery_app) -> Iterator[object]:
+    """A real Celery worker (threads pool) consuming from the real broker in this process."""
+    from celery.contrib.testing.worker import start_worker
+
+    _purge(celery_app)
+    with django_db_blocker.unblock():
+        with start_worker(
+            celery_app,
+            pool="threads",
+            concurrency=4,
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=30,
+        ) as running:
+            yield running
+
+
+class WorkerProcesses:
+    """Starts ``celery worker`` subprocesses on the test database and stops them."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen] = []
+
+    def start(
+        self,
+        name: str = "w1",
+        pool: str = "prefork",
+        concurrency: int = 2,
+        queues: str | None = None,
+        env: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> subprocess.Popen:
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "testproject",
+            "worker",
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "-n",
+            f"{name}@%h",
+            "--loglevel=INFO",
+            "--without-mingle",
+            "--without-gossip",
+            *extra,
+        ]
+        if queues:
+            cmd += ["-Q", queues]
+        full_env = {
+            **os.environ,
+            "FULLDB_TEST_DB": "1",
+            "PYTHONPATH": str(REPO),
+            **(env or {}),
+        }
+        log_path = self.log_dir / f"{name}.log"
+        log = log_path.open("w")
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        proc.log_path = log_path  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        try:
+            wait_for(lambda: " ready." in log_path.read_text() or proc.poll() is not None, 60)
+        except AssertionError:
+            self.stop(proc)
+            raise AssertionError(f"worker {name} did not start:\n{log_path.read_text()[-3000:]}")
+        if proc.poll() is not None:
+            raise AssertionError(f"worker {name} exited:\n{log_path.read_text()[-3000:]}")
+        return proc
+
+    @staticmethod
+    def kill(proc: subprocess.Popen) -> None:
+        """SIGKILL the whole worker (main process and pool children)."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                self.kill(proc)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            self.stop(proc)
+
+
+@pytest.fixture
+def worker_processes(django_db_setup, tmp_path, celery_app) -> Iterator[WorkerProcesses]:
+    _purge(celery_app)
+    procs = WorkerProcesses(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture
+def task_db():
+    """The connection the package writes through (for statement counts)."""
+    from django_celery_fulldbresult import db
+
+    alias = db.write_alias()
+    connection = connections[alias]
+    connection.ensure_connection()
+    return connection
