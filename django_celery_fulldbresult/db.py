@@ -56,6 +56,20 @@ def write_alias() -> str:
     return hidden
 
 
+def upsert(model, using: str, objs: list, unique_fields: list[str], update_fields: list[str]):
+    """``bulk_create`` as one upsert statement on every backend.
+
+    MySQL's ``ON DUPLICATE KEY UPDATE`` takes no conflict target, and Django
+    refuses ``unique_fields`` there.
+    """
+    manager = model._default_manager.using(using)
+    if connections[using].vendor == "mysql":
+        return manager.bulk_create(objs, update_conflicts=True, update_fields=update_fields)
+    return manager.bulk_create(
+        objs, update_conflicts=True, unique_fields=unique_fields, update_fields=update_fields
+    )
+
+
 def close_quietly(using: str) -> None:
     """Close a connection, ignoring errors from a connection that is already broken."""
     conn = connections[using]

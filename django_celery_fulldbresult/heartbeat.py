@@ -43,9 +43,10 @@ def beat(hostname: str) -> None:
     from .models import WorkerHeartbeat
 
     def write(using: str) -> None:
-        WorkerHeartbeat.objects.using(using).bulk_create(
+        db.upsert(
+            WorkerHeartbeat,
+            using,
             [WorkerHeartbeat(hostname=hostname, pid=os.getpid(), last_seen=timezone.now())],
-            update_conflicts=True,
             unique_fields=["hostname"],
             update_fields=["pid", "last_seen"],
         )

@@ -207,9 +207,10 @@ class DatabaseResultBackend(BaseBackend):
             date_done=timezone.now(),
         )
         db.run_with_reconnect(
-            lambda using: GroupResultMeta.objects.using(using).bulk_create(
+            lambda using: db.upsert(
+                GroupResultMeta,
+                using,
                 [row],
-                update_conflicts=True,
                 unique_fields=["group_id"],
                 update_fields=["result", "content_type", "content_encoding", "date_done"],
             )
@@ -262,9 +263,10 @@ class DatabaseResultBackend(BaseBackend):
         from .models import ChordCounter
 
         db.run_with_reconnect(
-            lambda using: ChordCounter.objects.using(using).bulk_create(
+            lambda using: db.upsert(
+                ChordCounter,
+                using,
                 [ChordCounter(group_id=group_id, total=chord_size)],
-                update_conflicts=True,
                 unique_fields=["group_id"],
                 update_fields=["total"],
             )

@@ -143,7 +143,12 @@ class WorkerProcesses:
         log_path = self.log_dir / f"{name}.log"
         log = log_path.open("w")
         proc = subprocess.Popen(
-            cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=REPO,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         proc.log_path = log_path  # type: ignore[attr-defined]
         self.procs.append(proc)

@@ -1,0 +1,314 @@
+"""Shared set-up of the benchmark scripts: isolation, database, statistics, output.
+
+Every script calls :func:`setup` before it imports anything from Django. The
+environment is forced to the benchmark's own database, queue and var dir so
+that a benchmark never touches what the tests or the demo use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO / "bench"
+RESULTS_DIR = BENCH_DIR / "results"
+
+DB_NAME = "fulldb_bench"
+#: stale_plan.py keeps its 1M rows in a database of its own, so that the
+#: truncations of stores.py and e2e.py do not throw the fill away.
+STALE_DB_NAME = "fulldb_bench_stale"
+QUEUE = "bench"
+VAR_DIR = "/tmp/fulldb-bench"
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+#: Names other people's runs use: a benchmark must never touch them.
+FORBIDDEN_DBS = frozenset({"test_fulldbresult", "fulldbresult", "postgres", "template0", "template1"})
+FORBIDDEN_QUEUES = frozenset({"celery"})
+
+TASK_TABLE = "django_celery_fulldbresult_taskresultmeta"
+DCR_TABLE = "django_celery_results_taskresult"
+
+
+def bench_env(db_name: str = DB_NAME, **extra: str) -> dict[str, str]:
+    """The environment of a benchmark process (and of the worker it starts)."""
+    if db_name in FORBIDDEN_DBS or QUEUE in FORBIDDEN_QUEUES:
+        raise SystemExit(f"refusing to run against {db_name!r}/{QUEUE!r}")
+    env = dict(os.environ)
+    for name in ("FULLDB_TEST_DB", "FULLDB_BACKEND", "FULLDB_DB_REUSE_MAX"):
+        env.pop(name, None)
+    path = [str(REPO), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    env.update(
+        {
+            "FULLDB_STACK": "pg-rabbit",
+            "FULLDB_DB_NAME": db_name,
+            "FULLDB_QUEUE": QUEUE,
+            "FULLDB_VAR_DIR": VAR_DIR,
+            # DEBUG=True makes Django keep every query in memory (and Celery warn):
+            # measure what a production deployment runs.
+            "FULLDB_DEBUG": "0",
+            "DJANGO_SETTINGS_MODULE": "testproject.settings",
+            "PYTHONPATH": os.pathsep.join(dict.fromkeys(path)),
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    # Turn SIGTERM into SystemExit so that every ``finally`` (stopping the
+    # worker above all) runs when run.py or a user stops a script.
+    raise SystemExit(128 + signum)
+
+
+def ensure_database(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dbname="postgres", autocommit=True, connect_timeout=10, **PG) as conn:
+        found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
+        if not found:
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def setup(db_name: str = DB_NAME, migrate: bool = True) -> None:
+    """Isolate this process, create and migrate its database, and set Django up."""
+    signal.signal(signal.SIGTERM, _terminate)
+    os.environ.clear()
+    os.environ.update(bench_env(db_name))
+    Path(VAR_DIR).mkdir(parents=True, exist_ok=True)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    ensure_database(db_name)
+
+    import django
+
+    django.setup()
+    if migrate:
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0, interactive=False)
+
+
+def truncate(*tables: str, using: str = "default") -> None:
+    from django.db import connections
+
+    with connections[using].cursor() as cursor:
+        cursor.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables))
+
+
+# -- statistics -------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def median(values: Iterable[float]) -> float:
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+# -- libpq trace: what really goes over the wire -----------------------------
+
+
+@contextmanager
+def wire_trace(wrapper: Any):
+    """Count the client messages a Django connection sends (psycopg 3 only).
+
+    Yields a dict filled on exit with ``round_trips`` (simple ``Query`` messages
+    plus extended-protocol ``Sync`` messages, i.e. BEGIN/COMMIT included) and
+    ``bytes_sent``. The dict stays empty when tracing is not available.
+    """
+    out: dict[str, int] = {}
+    wrapper.ensure_connection()
+    pgconn = getattr(wrapper.connection, "pgconn", None)
+    if pgconn is None or not hasattr(pgconn, "trace"):
+        yield out
+        return
+    fd, path = tempfile.mkstemp(prefix="pgtrace-", dir=VAR_DIR)
+    pgconn.trace(fd)  # libpq owns the descriptor from here on (untrace closes it)
+    try:
+        yield out
+    finally:
+        pgconn.untrace()
+        trips = sent = 0
+        for line in Path(path).read_text(errors="replace").splitlines():
+            fields = line.split("\t")
+            if "F" not in fields[:2]:
+                continue
+            start = fields.index("F")
+            kind = fields[start + 2] if len(fields) > start + 2 else ""
+            if kind in ("Query", "Sync"):
+                trips += 1
+            if fields[start + 1].isdigit():
+                sent += int(fields[start + 1])
+        Path(path).unlink(missing_ok=True)
+        out.update(round_trips=trips, bytes_sent=sent)
+
+
+# -- machine and versions ---------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _pg_version() -> str:
+    try:
+        import psycopg
+
+        with psycopg.connect(dbname="postgres", connect_timeout=5, **PG) as conn:
+            return conn.execute("SHOW server_version").fetchone()[0]
+    except Exception as exc:  # noqa: BLE001 - informative only
+        return f"unknown ({exc.__class__.__name__})"
+
+
+def _rabbit_version() -> str:
+    try:
+        import amqp
+
+        conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest", connect_timeout=5)
+        conn.connect()
+        try:
+            value = conn.server_properties.get("version", "unknown")
+        finally:
+            conn.close()
+        return value.decode() if isinstance(value, bytes) else str(value)
+    except Exception as exc:  # noqa: BLE001 - informative only
+        return f"unknown ({exc.__class__.__name__})"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info(command: str) -> dict[str, str]:
+    cores = os.cpu_count() or 0
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = cores
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "command": command,
+        "commit": _git_commit(),
+        "cpu": _cpu_model(),
+        "cores": f"{cores} ({usable} usable by this process)",
+        "memory": _memory(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "django": _version("Django"),
+        "celery": _version("celery"),
+        "kombu": _version("kombu"),
+        "django-celery-results": _version("django-celery-results"),
+        "psycopg": _version("psycopg"),
+        "postgresql": _pg_version(),
+        "rabbitmq": _rabbit_version(),
+    }
+
+
+def _memory() -> str:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                kib = int(re.findall(r"\d+", line)[0])
+                return f"{kib / 1024 / 1024:.1f} GiB"
+    except (OSError, IndexError, ValueError):
+        pass
+    return "unknown"
+
+
+# -- output -----------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    cells = [[fmt(c) if not isinstance(c, str) else c for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=False)]
+
+    def line(values: Sequence[str]) -> str:
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=False)) + " |"
+
+    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out.extend(line(row) for row in cells)
+    return "\n".join(out)
+
+
+def render_sections(sections: Sequence[dict[str, Any]]) -> str:
+    """Sections are dicts: title, optional text, headers + rows, optional notes/code."""
+    parts = []
+    for section in sections:
+        parts.append(f"### {section['title']}\n")
+        if section.get("text"):
+            parts.append(section["text"] + "\n")
+        if section.get("headers"):
+            parts.append(table(section["headers"], section["rows"]) + "\n")
+        for note in section.get("notes", ()):
+            parts.append(f"- {note}")
+        if section.get("notes"):
+            parts.append("")
+        if section.get("code"):
+            parts.append("```\n" + section["code"].rstrip() + "\n```\n")
+    return "\n".join(parts)
+
+
+def finish(name: str, result: dict[str, Any], json_out: str | None) -> None:
+    """Print a script's own report; hand the raw result to run.py when asked."""
+    print(render_sections(result["sections"]))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2, default=str))

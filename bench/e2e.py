@@ -1,0 +1,382 @@
+"""End-to-end tasks/s through a real worker (RabbitMQ + PostgreSQL).
+
+For each configuration a worker subprocess is started
+(``celery -A testproject worker -P prefork -c 2 -Q bench``), warmed up, and
+``--tasks`` (default 2000) ``add`` tasks are published; the time runs from the
+first publish until every task's row is SUCCESS (a COUNT every 0.2 s). Each
+configuration is measured ``--rounds`` times (default 3) with the same worker
+and the median is reported. The worker is stopped with SIGTERM and waited for,
+whatever happens (Ctrl-C included).
+
+Configurations: ours and django-celery-results, each with Celery's default
+connection handling (``CELERY_DB_REUSE_MAX`` unset: the Django fixup closes the
+connections around every task) and with ``CELERY_DB_REUSE_MAX=1000``.
+
+    python bench/e2e.py [--tasks 2000] [--rounds 3] [--json-out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+
+POLL_INTERVAL = 0.2
+WORKER_START_TIMEOUT = 90.0
+WORKER_STOP_TIMEOUT = 30.0
+PIDFILE = Path(_common.VAR_DIR) / "e2e-worker.pid"
+NODE_PREFIX = "fulldb-bench-e2e"
+
+
+@dataclass(frozen=True)
+class Config:
+    backend: str  # "ours" | "django-celery-results"
+    reuse_max: str  # "" (Celery's default) | "1000"
+
+    @property
+    def label(self) -> str:
+        reuse = "default (close per task)" if not self.reuse_max else f"DB_REUSE_MAX={self.reuse_max}"
+        return f"{self.backend}, {reuse}"
+
+    @property
+    def slug(self) -> str:
+        backend = "dcr" if self.backend == "django-celery-results" else "ours"
+        return f"{backend}-reuse{self.reuse_max or 'default'}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        backend = "django-db" if self.backend == "django-celery-results" else "fulldb"
+        return {"FULLDB_BACKEND": backend, "FULLDB_DB_REUSE_MAX": self.reuse_max}
+
+
+CONFIGS = [
+    Config("ours", ""),
+    Config("django-celery-results", ""),
+    Config("ours", "1000"),
+    Config("django-celery-results", "1000"),
+]
+
+
+def worker_command(node: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "testproject",
+        "worker",
+        "-P",
+        "prefork",
+        "-c",
+        "2",
+        "-Q",
+        _common.QUEUE,
+        "--loglevel=WARNING",
+        "-n",
+        node,
+        # No chatter with other workers on the same RabbitMQ (and no 1 s mingle wait).
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+
+
+# -- worker process ---------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_leftover_worker() -> None:
+    """Stop a worker an earlier, killed run of this script left behind (pidfile)."""
+    try:
+        pid = int(PIDFILE.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        cmdline = ""
+    if NODE_PREFIX in cmdline and _alive(pid):
+        print(f"stopping the worker {pid} left by an earlier run", file=sys.stderr)
+        _stop_group(pid)
+    PIDFILE.unlink(missing_ok=True)
+
+
+def _stop_group(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + WORKER_STOP_TIMEOUT
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    try:  # the worker's own session: its pool children, if any survived
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Worker:
+    def __init__(self, config: Config, log_path: Path) -> None:
+        self.config = config
+        self.node = f"{NODE_PREFIX}-{os.getpid()}@127.0.0.1"
+        self.command = worker_command(self.node)
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = _common.bench_env(**self.config.env)
+        log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            self.command,
+            cwd=_common.REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches us; we stop it in order
+        )
+        log.close()
+        PIDFILE.write_text(str(self.proc.pid))
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(
+                f"worker exited with {self.proc.returncode}; log:\n{self.log_tail()}"
+            )
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> int | None:
+        """SIGTERM (warm shutdown), wait; SIGKILL the process group if it hangs."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        # A second Ctrl-C must not leave the worker running.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=WORKER_STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    print("worker did not stop in time: SIGKILL", file=sys.stderr)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # stray pool children, if any
+            except (ProcessLookupError, PermissionError):
+                pass
+            return proc.wait(timeout=WORKER_STOP_TIMEOUT)
+        finally:
+            PIDFILE.unlink(missing_ok=True)
+            signal.signal(signal.SIGINT, previous)
+
+
+# -- broker and database helpers -------------------------------------------
+
+
+def purge_queue(app) -> int:
+    queue = app.amqp.queues[_common.QUEUE]
+    with app.connection_for_write() as conn:
+        bound = queue(conn.default_channel)
+        bound.declare()
+        return bound.purge() or 0
+
+
+def success_count(config: Config) -> int:
+    from django.db import connection
+
+    table = _common.DCR_TABLE if config.backend == "django-celery-results" else _common.TASK_TABLE
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT COUNT(*) FROM {table} WHERE status = 'SUCCESS'")
+        return cursor.fetchone()[0]
+
+
+def last_done(config: Config) -> float | None:
+    from django.db import connection
+
+    table = _common.DCR_TABLE if config.backend == "django-celery-results" else _common.TASK_TABLE
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT EXTRACT(EPOCH FROM MAX(date_done)) FROM {table}")
+        value = cursor.fetchone()[0]
+    return None if value is None else float(value)
+
+
+def wait_for(config: Config, worker: Worker, expected: int, timeout: float) -> float:
+    """Poll until ``expected`` rows are SUCCESS; return the monotonic time it was seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = success_count(config)
+        now = time.monotonic()
+        if done >= expected:
+            return now
+        worker.check()
+        if now > deadline:
+            raise TimeoutError(
+                f"{config.label}: only {done}/{expected} tasks SUCCESS after {timeout:.0f} s; "
+                f"worker log:\n{worker.log_tail()}"
+            )
+        time.sleep(POLL_INTERVAL)
+
+
+def publish(task, count: int, offset: int = 0) -> None:
+    from testproject.celery_app import app
+
+    with app.producer_or_acquire() as producer:
+        for i in range(offset, offset + count):
+            task.apply_async((i, i), producer=producer)
+
+
+# -- one configuration --------------------------------------------------------
+
+
+def run_config(config: Config, tasks: int, rounds: int, timeout: float) -> dict:
+    from django.conf import settings
+
+    from testproject.celery_app import app
+    from testproject.demo.tasks import add, noop
+
+    # Publish tracking (a PENDING row per sent task, written by the publisher)
+    # is part of ours; django-celery-results has nothing like it, so the
+    # publisher does not pay for it there.
+    settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = config.backend == "ours"
+    tables = (_common.TASK_TABLE, _common.DCR_TABLE)
+    purged = purge_queue(app)
+    _common.truncate(*tables)
+    log_path = Path(_common.VAR_DIR) / f"e2e-worker-{config.slug}.log"
+    worker = Worker(config, log_path)
+    runs = []
+    try:
+        worker.start()
+        # Warm-up: both pool processes import, connect and run a few tasks.
+        with app.producer_or_acquire() as producer:
+            for _ in range(20):
+                noop.apply_async(producer=producer)
+        wait_for(config, worker, 20, WORKER_START_TIMEOUT)
+        for _ in range(rounds):
+            _common.truncate(*tables)
+            wall0 = time.time()
+            t0 = time.monotonic()
+            publish(add, tasks)
+            published = time.monotonic()
+            seen = wait_for(config, worker, tasks, timeout)
+            final = last_done(config)
+            elapsed = seen - t0
+            precise = (final - wall0) if final else float("nan")
+            runs.append(
+                {
+                    "seconds": elapsed,
+                    "tasks_per_s": tasks / elapsed,
+                    "publish_seconds": published - t0,
+                    "tasks_per_s_last_done": tasks / precise if precise > 0 else float("nan"),
+                }
+            )
+            print(
+                f"  {config.label}: {tasks / elapsed:,.0f} tasks/s "
+                f"(publish {published - t0:.2f} s, total {elapsed:.2f} s)",
+                file=sys.stderr,
+            )
+    finally:
+        code = worker.stop()
+        settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = True
+    return {
+        "label": config.label,
+        "backend": config.backend,
+        "reuse_max": config.reuse_max,
+        "tasks_per_s": _common.median(r["tasks_per_s"] for r in runs),
+        "tasks_per_s_last_done": _common.median(r["tasks_per_s_last_done"] for r in runs),
+        "publish_seconds": _common.median(r["publish_seconds"] for r in runs),
+        "runs": runs,
+        "purged_before": purged,
+        "worker_exit_code": code,
+        "worker_log": str(log_path),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds per round")
+    parser.add_argument("--json-out")
+    args = parser.parse_args(argv)
+
+    _common.setup()
+    reap_leftover_worker()
+    results = []
+    for config in CONFIGS:
+        print(f"e2e: {config.label}", file=sys.stderr)
+        results.append(run_config(config, args.tasks, args.rounds, args.timeout))
+    _common.truncate(_common.TASK_TABLE, _common.DCR_TABLE)
+
+    by_key = {(r["backend"], r["reuse_max"]): r for r in results}
+    rows = []
+    ratios = {}
+    for r in results:
+        if r["backend"] == "ours":
+            other = by_key[("django-celery-results", r["reuse_max"])]
+            ratio = r["tasks_per_s"] / other["tasks_per_s"]
+            ratios[r["reuse_max"] or "default"] = ratio
+            ratio_cell = f"**{ratio:.2f}x**"
+        else:
+            ratio_cell = ""
+        rows.append(
+            [
+                r["label"],
+                r["tasks_per_s"],
+                r["tasks_per_s_last_done"],
+                f"{r['publish_seconds']:.2f}",
+                ", ".join(f"{x['tasks_per_s']:,.0f}" for x in r["runs"]),
+                ratio_cell,
+            ]
+        )
+    section = {
+        "title": (
+            f"End to end ({args.tasks} `add` tasks, prefork -c 2, RabbitMQ + PostgreSQL, "
+            f"median of {args.rounds})"
+        ),
+        "headers": [
+            "configuration",
+            "tasks/s",
+            "tasks/s (to last date_done)",
+            "publish s",
+            "tasks/s per round",
+            "ours / d-c-r",
+        ],
+        "rows": rows,
+        "notes": [
+            "tasks/s: from the first publish until a COUNT (every 0.2 s) sees every row SUCCESS",
+            "tasks/s (to last date_done): same start, ended by the newest date_done in the table "
+            "(no polling granularity)",
+            "ours publishes with publish tracking on (one PENDING insert per task in the "
+            "publisher, as the testproject is configured); django-celery-results without it",
+            "worker: `" + " ".join(worker_command(f"{NODE_PREFIX}-PID@127.0.0.1")[1:]) + "`",
+        ],
+    }
+    result = {"name": "e2e", "sections": [section], "configs": results, "ratios": ratios}
+    _common.finish("e2e", result, args.json_out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
