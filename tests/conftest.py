@@ -7,6 +7,7 @@ that was asked for but cannot be reached fails the run instead of skipping.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -86,16 +87,15 @@ def worker(django_db_setup, django_db_blocker, celery_app) -> Iterator[object]:
     from celery.contrib.testing.worker import start_worker
 
     _purge(celery_app)
-    with django_db_blocker.unblock():
-        with start_worker(
-            celery_app,
-            pool="threads",
-            concurrency=4,
-            perform_ping_check=False,
-            loglevel="WARNING",
-            shutdown_timeout=30,
-        ) as running:
-            yield running
+    with django_db_blocker.unblock(), start_worker(
+        celery_app,
+        pool="threads",
+        concurrency=4,
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=30,
+    ) as running:
+        yield running
 
 
 class WorkerProcesses:
@@ -154,9 +154,11 @@ class WorkerProcesses:
         self.procs.append(proc)
         try:
             wait_for(lambda: " ready." in log_path.read_text() or proc.poll() is not None, 60)
-        except AssertionError:
+        except AssertionError as exc:
             self.stop(proc)
-            raise AssertionError(f"worker {name} did not start:\n{log_path.read_text()[-3000:]}")
+            raise AssertionError(
+                f"worker {name} did not start:\n{log_path.read_text()[-3000:]}"
+            ) from exc
         if proc.poll() is not None:
             raise AssertionError(f"worker {name} exited:\n{log_path.read_text()[-3000:]}")
         return proc
@@ -164,10 +166,8 @@ class WorkerProcesses:
     @staticmethod
     def kill(proc: subprocess.Popen) -> None:
         """SIGKILL the whole worker (main process and pool children)."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(10)
 
     def stop(self, proc: subprocess.Popen) -> None:

@@ -43,14 +43,13 @@ def test_every_state_write_is_one_statement(celery_app, task_db):
     backend = celery_app.backend
     task_id = str(uuid.uuid4())
     counts = []
-    for state, result in [
-        (states.PENDING, None),
-        (states.STARTED, {"pid": 1}),
-        (states.RETRY, RuntimeError("again")),
-        (states.STARTED, {"pid": 1}),
-        (states.SUCCESS, 3),
+    for state, result, retries in [
+        (states.PENDING, None, 0),
+        (states.STARTED, {"pid": 1}, 0),
+        (states.RETRY, RuntimeError("again"), 0),
+        (states.STARTED, {"pid": 1}, 1),
+        (states.SUCCESS, 3, 1),
     ]:
-        retries = 1 if result is not None and states.RETRY != state and counts else 0
         with CaptureQueriesContext(task_db) as queries:
             backend.store_result(task_id, result, state, request=request(task_id, retries))
         counts.append(len(queries))
