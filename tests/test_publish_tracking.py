@@ -1,0 +1,185 @@
+"""Publish tracking: a PENDING row per published task, never in the way of publishing."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+import uuid
+
+import pytest
+from celery import states
+from celery.signals import before_task_publish
+from django.db import connection, transaction
+
+from django_celery_fulldbresult import publish, records
+from django_celery_fulldbresult.models import TaskResultMeta
+from testproject.demo import tasks
+
+from .conftest import STACK, requires_server_db
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+NOBODY = "nobody"  # a queue no test worker consumes: published tasks stay PENDING
+
+
+def drain(app, queue: str = NOBODY) -> list:
+    """Take every message left in ``queue`` (proves what was really sent)."""
+    bodies = []
+    with app.connection_for_read() as conn:
+        simple = conn.SimpleQueue(queue)
+        while True:
+            try:
+                message = simple.get(timeout=1)
+            except simple.Empty:
+                break
+            bodies.append(message.headers["id"])
+            message.ack()
+        simple.close()
+    return bodies
+
+
+def test_pending_row_holds_everything_needed_to_resend(celery_app):
+    eta = datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc)
+    result = tasks.add.apply_async(
+        (2, 3),
+        queue=NOBODY,
+        priority=7,
+        eta=eta,
+        expires=eta + datetime.timedelta(days=1),
+        headers={"tenant": "acme"},
+        link=tasks.noop.si(),
+        link_error=tasks.noop.si(),
+        time_limit=30,
+        soft_time_limit=20,
+    )
+    row = TaskResultMeta.objects.get(task_id=result.id)
+    assert row.status == states.PENDING
+    assert row.task == "testproject.demo.tasks.add"
+    assert (row.args, row.kwargs) == ([2, 3], {})
+    assert (row.queue, row.routing_key, row.priority) == (NOBODY, NOBODY, 7)
+    assert row.eta == eta and row.expires == eta + datetime.timedelta(days=1)
+    assert row.date_submitted is not None and row.root_id == result.id
+    assert row.options["headers"] == {"tenant": "acme"}
+    assert row.options["link"][0]["task"] == "testproject.demo.tasks.noop"
+    assert row.options["link_error"][0]["task"] == "testproject.demo.tasks.noop"
+    assert (row.options["time_limit"], row.options["soft_time_limit"]) == (30, 20)
+    assert row.replayable
+    assert drain(celery_app) == [result.id]
+
+
+def test_send_task_by_name_is_tracked(celery_app):
+    result = celery_app.send_task("not.registered.here", args=[1], kwargs={"a": 2}, queue=NOBODY)
+    row = TaskResultMeta.objects.get(task_id=result.id)
+    assert (row.task, row.args, row.kwargs, row.status) == (
+        "not.registered.here",
+        [1],
+        {"a": 2},
+        states.PENDING,
+    )
+    drain(celery_app)
+
+
+def test_not_tracked_when_the_result_is_ignored(celery_app):
+    ignored_task = tasks.fire_and_forget.apply_async(queue=NOBODY)
+    per_call = tasks.add.apply_async((1, 1), queue=NOBODY, ignore_result=True)
+    celery_app.conf.task_ignore_result = True
+    try:
+        by_conf = celery_app.send_task("not.registered.here", queue=NOBODY)
+    finally:
+        celery_app.conf.task_ignore_result = False
+    ids = {ignored_task.id, per_call.id, by_conf.id}
+    assert not TaskResultMeta.objects.filter(task_id__in=ids).exists()
+    assert set(drain(celery_app)) == ids
+
+
+def test_not_tracked_when_the_setting_is_off(settings, celery_app):
+    settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = False
+    result = tasks.add.apply_async((1, 1), queue=NOBODY)
+    assert not TaskResultMeta.objects.filter(task_id=result.id).exists()
+    drain(celery_app)
+
+
+def test_a_database_error_never_stops_the_publish(celery_app, caplog):
+    table = TaskResultMeta._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {table} RENAME TO {table}_away")
+    try:
+        with caplog.at_level(logging.ERROR, logger="django_celery_fulldbresult"):
+            result = tasks.add.apply_async((1, 1), queue=NOBODY)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {table}_away RENAME TO {table}")
+    assert drain(celery_app) == [result.id]  # the task was really sent
+    assert f"the task {result.id}" in caplog.text and "could not be written" in caplog.text
+
+
+def test_worker_finishing_before_the_pending_row_keeps_its_state(worker, celery_app):
+    """The publish record arrives after the worker stored SUCCESS: it only fills gaps."""
+    captured = {}
+
+    def capture(sender=None, body=None, exchange=None, routing_key=None, headers=None, **kw):
+        captured["values"] = records.from_message(
+            celery_app,
+            sender,
+            body,
+            headers,
+            kw.get("properties") or {},
+            exchange,
+            routing_key,
+            kw.get("declare"),
+        )
+
+    before_task_publish.connect(capture, weak=False)
+    try:
+        with override_tracking(False):
+            result = tasks.add.delay(20, 22)
+            assert result.get(timeout=20) == 42
+    finally:
+        before_task_publish.disconnect(capture)
+    assert TaskResultMeta.objects.get(task_id=result.id).date_submitted is None
+    publish.record(captured["values"])  # the late PENDING write
+    row = TaskResultMeta.objects.get(task_id=result.id)
+    assert row.status == states.SUCCESS and row.get_result() == 42
+    assert row.date_submitted is not None and row.date_done is not None
+
+
+def override_tracking(enabled: bool):
+    from django.test import override_settings
+
+    return override_settings(DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH=enabled)
+
+
+@requires_server_db
+def test_publishing_inside_atomic_does_not_stall_the_worker(worker):
+    """The worker stores its result while the caller's transaction is still open."""
+    with transaction.atomic():
+        # Hold locks of our own in the caller's transaction, as a request would.
+        TaskResultMeta.objects.create(task_id=str(uuid.uuid4()), task="caller.own.row")
+        result = tasks.add.delay(1, 2)
+        started = time.monotonic()
+        assert result.get(timeout=15) == 3
+        assert time.monotonic() - started < 10
+    assert TaskResultMeta.objects.get(task_id=result.id).status == states.SUCCESS
+
+
+@requires_server_db
+def test_rollback_keeps_the_record_of_a_task_that_was_sent(celery_app):
+    with pytest.raises(RuntimeError), transaction.atomic():
+        result = tasks.add.apply_async((1, 2), queue=NOBODY)
+        raise RuntimeError("the caller rolls back")
+    assert TaskResultMeta.objects.filter(task_id=result.id, status=states.PENDING).exists()
+    assert drain(celery_app) == [result.id]
+
+
+@pytest.mark.skipif(STACK != "sqlite", reason="SQLite-only behaviour")
+def test_sqlite_publishing_inside_atomic_joins_the_callers_transaction(celery_app):
+    """SQLite has one writer at a time: the row joins the caller's transaction instead of
+    waiting for it (documented); the publish itself never blocks."""
+    started = time.monotonic()
+    with transaction.atomic():
+        TaskResultMeta.objects.create(task_id=str(uuid.uuid4()), task="caller.own.row")
+        result = tasks.add.apply_async((1, 2), queue=NOBODY)
+        assert TaskResultMeta.objects.filter(task_id=result.id).exists()
+    assert time.monotonic() - started < 5
+    drain(celery_app)
