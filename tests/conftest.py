@@ -87,14 +87,17 @@ def worker(django_db_setup, django_db_blocker, celery_app) -> Iterator[object]:
     from celery.contrib.testing.worker import start_worker
 
     _purge(celery_app)
-    with django_db_blocker.unblock(), start_worker(
-        celery_app,
-        pool="threads",
-        concurrency=4,
-        perform_ping_check=False,
-        loglevel="WARNING",
-        shutdown_timeout=30,
-    ) as running:
+    with (
+        django_db_blocker.unblock(),
+        start_worker(
+            celery_app,
+            pool="threads",
+            concurrency=4,
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=30,
+        ) as running,
+    ):
         yield running
 
 
