@@ -133,16 +133,13 @@ class TaskResultMeta(models.Model):
     def get_call(self, accept=None) -> tuple[list, dict]:
         """The stored (args, kwargs), whether kept as JSON or packed."""
         if self.packed_args is not None:
-            from celery import current_app
-
-            accept = current_app.conf.accept_content if accept is None else accept
             return serialization.decode_packed(
                 self.packed_args, self.packed_args_content_type, accept
             )
         return list(self.args or []), dict(self.kwargs or {})
 
     def get_result(self, accept=None) -> Any:
-        """The decoded result; pickle is refused unless ``result_accept_content`` allows it."""
+        """The decoded result; pickle is refused unless the app's result accept list allows it."""
         if accept is None:
             from celery import current_app
 

@@ -8,6 +8,7 @@ re-send needs.
 from __future__ import annotations
 
 import fnmatch
+import logging
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +17,8 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from . import conf, serialization
+
+logger = logging.getLogger(__name__)
 
 #: Headers of Celery's message protocol 2; anything else is a custom header.
 PROTOCOL_HEADERS = frozenset(
@@ -112,7 +115,11 @@ def call_columns(
             "kwargsrepr": redacted_repr(kwargsrepr, kwargs, app),
             "replayable": False,
         }
-    encoded = serialization.encode_call(args, kwargs, app.conf.task_serializer)
+    try:
+        encoded = serialization.encode_call(args, kwargs, app.conf.task_serializer)
+    except Exception:  # noqa: BLE001 - never lose the state over its arguments
+        logger.warning("arguments of %s cannot be stored; row kept without them", task_name)
+        return {"argsrepr": argsrepr, "kwargsrepr": kwargsrepr, "replayable": False}
     return {
         "args": encoded.args,
         "kwargs": encoded.kwargs,

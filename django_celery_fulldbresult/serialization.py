@@ -17,6 +17,7 @@ from typing import Any
 from kombu.exceptions import DecodeError, EncodeError
 from kombu.serialization import dumps as kombu_dumps
 from kombu.serialization import loads as kombu_loads
+from kombu.serialization import prepare_accept_content
 from kombu.utils import json as kombu_json
 
 JSON_CONTENT_TYPE = "application/json"
@@ -45,6 +46,15 @@ def dumps(data: Any) -> str:
         raise TypeError(f"cannot encode {type(data).__name__} as JSON: {exc}") from exc
 
 
+def accepted(accept: Any) -> set[str]:
+    """Content types from serializer names or types; None means the app's accept_content."""
+    if accept is None:
+        from celery import current_app
+
+        accept = current_app.conf.accept_content
+    return prepare_accept_content(accept)
+
+
 def loads(
     data: Any, content_type: str = JSON_CONTENT_TYPE, encoding: str = "utf-8", accept=None
 ) -> Any:
@@ -52,14 +62,16 @@ def loads(
 
     Accepts JSON text (what 0.5.x stored) as well as values a JSON column has
     already decoded, so ``serialization.loads(row.args)`` works on 0.5.x and
-    1.x rows alike. Other content types go through kombu with ``accept``.
+    1.x rows alike. Other content types go through kombu, limited to
+    ``accept`` (default: the app's ``accept_content``), so pickle is refused
+    unless the app accepts it.
     """
     if data is None or isinstance(data, (list, dict, int, float, bool)):
         return data
     try:
         if content_type == JSON_CONTENT_TYPE:
             return kombu_json.loads(data)
-        return kombu_loads(data, content_type, encoding, accept=accept)
+        return kombu_loads(data, content_type, encoding, accept=accepted(accept))
     except (DecodeError, ValueError) as exc:
         raise TypeError(f"cannot decode stored value: {exc}") from exc
 
@@ -89,13 +101,19 @@ class EncodedCall:
 
 
 def encode_call(args: Any, kwargs: Any, serializer: str) -> EncodedCall:
-    """Encode args/kwargs for storage, falling back to the task serializer."""
+    """Encode args/kwargs for storage.
+
+    JSON when it can hold them; otherwise packed with the task serializer, or
+    with pickle when that is JSON too (a message whose arguments JSON cannot
+    hold was sent with another serializer, most often pickle).
+    """
     args = list(args or ())
     kwargs = dict(kwargs or {})
     args_text, kwargs_text = json_text_or_none(args), json_text_or_none(kwargs)
     if args_text is not None and kwargs_text is not None:
         return EncodedCall(args_text, kwargs_text)
-    content_type, _encoding, payload = kombu_dumps([args, kwargs], serializer=serializer)
+    packer = serializer if serializer != "json" else "pickle"
+    content_type, _encoding, payload = kombu_dumps([args, kwargs], serializer=packer)
     if isinstance(payload, str):
         payload = payload.encode("utf-8")
     return EncodedCall(None, None, payload, content_type)
@@ -103,7 +121,7 @@ def encode_call(args: Any, kwargs: Any, serializer: str) -> EncodedCall:
 
 def decode_packed(payload: bytes, content_type: str, accept) -> tuple[list, dict]:
     """Decode a packed (args, kwargs) pair; ``accept`` guards against pickle."""
-    args, kwargs = kombu_loads(bytes(payload), content_type, "binary", accept=accept)
+    args, kwargs = kombu_loads(bytes(payload), content_type, "binary", accept=accepted(accept))
     return list(args), dict(kwargs)
 
 
@@ -148,4 +166,4 @@ def decode_result(data: str | None, content_type: str, content_encoding: str, ac
     payload: str | bytes = data
     if content_encoding == "binary":
         payload = base64.b64decode(data)
-    return kombu_loads(payload, content_type, content_encoding, accept=accept)
+    return kombu_loads(payload, content_type, content_encoding, accept=accepted(accept))

@@ -27,7 +27,7 @@ def drain(app, queue: str = NOBODY) -> list:
     """Take every message left in ``queue`` (proves what was really sent)."""
     bodies = []
     with app.connection_for_read() as conn:
-        simple = conn.SimpleQueue(queue)
+        simple = conn.SimpleQueue(queue, accept=["json", "pickle"])
         while True:
             try:
                 message = simple.get(timeout=1)
