@@ -268,7 +268,7 @@ def _build_upsert(
             policy = LATEST
         if policy == FILL:
             if column == "task":  # NOT NULL, '' means unknown
-                sets.append(f"{target} = COALESCE(NULLIF({ref}, ''), {holder})")
+                sets.append(f"{target} = COALESCE(NULLIF({ref}, ''), {holder}, '')")
             else:
                 sets.append(f"{target} = COALESCE({ref}, {holder})")
             params.append(value)
@@ -323,7 +323,7 @@ def _build_insert_or_fill(model, connection, values: Mapping[str, Any]) -> tuple
         target = _quote(connection, column)
         holder = _placeholder(connection, column)
         if column == "task":
-            sets.append(f"{target} = COALESCE(NULLIF({ref}, ''), {holder})")
+            sets.append(f"{target} = COALESCE(NULLIF({ref}, ''), {holder}, '')")
         else:
             sets.append(f"{target} = COALESCE({ref}, {holder})")
         params.append(_prep(model, connection, column, values.get(column)))

@@ -150,3 +150,14 @@ def test_retry_state_keeps_the_call_for_replay(celery_app):
     assert stored.status == states.RETRY
     assert stored.get_call() == ([1, 2], {"k": "v"})
     assert stored.options["link"][0]["task"] == "x"
+
+
+def test_writes_without_any_request_on_an_existing_row(celery_app):
+    """No writer knows the name: it stays '' (NOT NULL) instead of failing the store."""
+    backend = celery_app.backend
+    task_id = str(uuid.uuid4())
+    backend.store_result(task_id, None, states.STARTED)
+    backend.store_result(task_id, {"step": 1}, "PROGRESS")
+    backend.store_result(task_id, 5, states.SUCCESS)
+    stored = row(task_id)
+    assert (stored.status, stored.task) == (states.SUCCESS, "")
