@@ -41,7 +41,6 @@ PYTHON = sys.executable
 HOST = socket.gethostname()  # what Celery puts in place of %h
 
 HEARTBEAT = 2  # seconds between worker heartbeats (FULLDB_HEARTBEAT)
-GRACE = 3  # DJANGO_CELERY_FULLDBRESULT_WORKER_HEARTBEAT_GRACE (its default)
 STALE_AFTER = 3  # find_stale_tasks --seconds
 READY_TIMEOUT = 40  # seconds for a worker to run its first task
 TASK_TIMEOUT = 20  # seconds for any one task of the demo
@@ -198,8 +197,11 @@ def kill_leftovers() -> None:
     except (OSError, ValueError):
         return
     for pid in pids:
-        done = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True)
-        command = done.stdout.strip()
+        try:
+            done = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True)
+        except OSError:  # no ps: nothing can be checked, so nothing is killed
+            return
+        command = done.stdout.decode(errors="replace").strip()
         if "celery" in command and ("demo@" in command or "doomed@" in command):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
@@ -280,14 +282,20 @@ def run_demo(demo_worker: Worker, doomed_worker: Worker) -> None:
 
     django.setup()
 
+    from celery import states
     from django.core.management import call_command
     from django.db import connection
     from django.utils import timezone as dj_timezone
 
+    from django_celery_fulldbresult import conf, heartbeat
     from django_celery_fulldbresult.models import TaskResultMeta, WorkerHeartbeat
     from testproject.demo import tasks
 
     workers = [demo_worker, doomed_worker]
+    # A worker counts as gone after GRACE missed heartbeats (heartbeat.live_hostnames).
+    beat_every, grace = heartbeat.interval(), int(conf.get("WORKER_HEARTBEAT_GRACE"))
+    if beat_every <= 0:
+        raise DemoError("worker heartbeats are off: set FULLDB_HEARTBEAT to a positive number")
 
     def collect(result: Any, propagate: bool = True) -> Any:
         wait_for(result.ready, TASK_TIMEOUT, f"task {result.id}", workers)
@@ -353,11 +361,12 @@ def run_demo(demo_worker: Worker, doomed_worker: Worker) -> None:
     seen: list[str] = []
 
     def progressed() -> bool:
-        state, info = progressing.state, progressing.info
-        label = f"{state} {info}" if state == "PROGRESS" else state
+        meta = progressing.backend.get_task_meta(progressing.id)  # state and info, one read
+        state = meta["status"]
+        label = f"{state} {meta['result']}" if state == "PROGRESS" else state
         if not seen or seen[-1] != label:
             seen.append(label)
-        return progressing.ready()
+        return state in states.READY_STATES
 
     wait_for(progressed, TASK_TIMEOUT, "the progress task", workers, interval=0.05)
     say(f"progress(steps=3) = {progressing.get(timeout=5)!r}; states seen by the client:")
@@ -407,10 +416,10 @@ def run_demo(demo_worker: Worker, doomed_worker: Worker) -> None:
     killed_at = time.time()
     say(f"killed; its task stays {doomed.state} and its heartbeats stop")
     last_seen = WorkerHeartbeat.objects.get(hostname=started.hostname).last_seen.timestamp()
-    gone_at = last_seen + HEARTBEAT * GRACE + 0.5
+    gone_at = last_seen + beat_every * grace + 0.5
     say(
         f"last heartbeat {killed_at - last_seen:.1f}s before the kill; a worker is gone "
-        f"{HEARTBEAT * GRACE}s ({GRACE} x {HEARTBEAT}s) after its last heartbeat: "
+        f"{beat_every * grace:g}s ({grace} x {beat_every:g}s) after its last heartbeat: "
         f"waiting {max(0.0, gone_at - time.time()):.1f}s"
     )
     sleep_until(gone_at)
@@ -422,7 +431,7 @@ def run_demo(demo_worker: Worker, doomed_worker: Worker) -> None:
     now = dj_timezone.now()
     for beat in WorkerHeartbeat.objects.order_by("hostname"):
         age = (now - beat.last_seen).total_seconds()
-        status = "alive" if age <= HEARTBEAT * GRACE else "gone"
+        status = "alive" if age <= beat_every * grace else "gone"
         print(f"  {beat.hostname:14}  last seen {age:4.1f}s ago: {status}")
 
     section(f"python testproject/manage.py find_stale_tasks --seconds {STALE_AFTER}")
@@ -447,13 +456,14 @@ def _interrupted(signum: int, frame: Any) -> None:
 
 
 def main() -> int:
-    kill_leftovers()
-    shutil.rmtree(VAR_DIR, ignore_errors=True)
-    VAR_DIR.mkdir(parents=True)
     # Ctrl-C and SIGTERM stop the demo through the cleanup below (even when
     # the parent started this script with SIGINT ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupted)
+    sys.stdout.reconfigure(line_buffering=True)  # keep stdout and stderr in order
+    kill_leftovers()
+    shutil.rmtree(VAR_DIR, ignore_errors=True)
+    VAR_DIR.mkdir(parents=True)
 
     demo_worker = Worker("demo", WORKER_LOG, "-P", "prefork", "-c", "2", stop_timeout=STOP_TIMEOUT)
     # A warm shutdown waits for the running task, sleep(60): no use waiting long.
