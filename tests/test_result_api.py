@@ -97,11 +97,12 @@ def test_forget_removes_the_row():
 
 
 def test_children_are_recorded():
-    result = group(tasks.add.s(i, i) for i in range(3)).apply_async()
-    result.get(timeout=20)
-    parent = tasks.add.delay(0, 0)
-    parent.get(timeout=20)
-    assert parent.children in (None, [])
+    parent = tasks.spawn.delay(3)
+    child_ids = parent.get(timeout=20)
+    assert [child.id for child in parent.children] == child_ids
+    assert [child.get(timeout=20) for child in parent.children] == [0, 2, 4]
+    assert TaskResultMeta.objects.get(task_id=child_ids[0]).parent_id == parent.id
+    assert tasks.add.delay(0, 0).get(timeout=20) == 0
 
 
 def test_group_of_100_and_group_result_save_restore_delete():

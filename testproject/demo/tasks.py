@@ -72,3 +72,9 @@ def tsum(values):
 @shared_task(ignore_result=True)
 def fire_and_forget():
     return "ignored"
+
+
+@shared_task
+def spawn(count=2):
+    """Send ``count`` subtasks; they become the task's children."""
+    return [add.delay(i, i).id for i in range(count)]
