@@ -191,10 +191,10 @@ def from_message(
         ),
         "options": options_text(options),
         "queue": queue or routing_key or None,
-        "exchange": exchange,
-        "routing_key": routing_key,
+        "exchange": exchange or None,
+        "routing_key": routing_key or None,
         "priority": properties.get("priority"),
-        "parent_id": headers.get("parent_id"),
+        "parent_id": _parent(headers.get("parent_id"), headers["id"]),
         "root_id": headers.get("root_id"),
         "group_id": headers.get("group"),
         "periodic_task_name": headers.get("periodic_task_name"),
@@ -204,6 +204,11 @@ def from_message(
         "date_submitted": now,
         "date_modified": now,
     }
+
+
+def _parent(parent_id: str | None, task_id: str | None) -> str | None:
+    """A retry is sent from inside the task itself: it is not its own parent."""
+    return None if parent_id == task_id else parent_id
 
 
 def task_name_of(request: Any) -> str | None:
@@ -237,7 +242,7 @@ def from_request(app: Any, request: Any) -> dict[str, Any]:
         "routing_key": delivery_info.get("routing_key") or None,
         "queue": delivery_info.get("routing_key") or None,
         "priority": delivery_info.get("priority"),
-        "parent_id": getattr(request, "parent_id", None),
+        "parent_id": _parent(getattr(request, "parent_id", None), getattr(request, "id", None)),
         "root_id": getattr(request, "root_id", None),
         "group_id": getattr(request, "group", None),
         "periodic_task_name": getattr(request, "periodic_task_name", None),

@@ -112,7 +112,12 @@ class DatabaseResultBackend(BaseBackend):
 
         encoded = self._encode_result(result)
         now = timezone.now()
-        children = self.current_task_children(request)
+        # A retry is published from inside the task, so Celery lists the task as its own child.
+        children = [
+            child
+            for child in self.current_task_children(request) or ()
+            if not (isinstance(child, (list, tuple)) and child and child[0][0] == task_id)
+        ]
         values: dict[str, Any] = {
             "task_id": task_id,
             "status": state,

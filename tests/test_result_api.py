@@ -51,6 +51,8 @@ def test_retries_of_the_same_id_end_in_success():
     assert (row.status, row.retries) == (states.SUCCESS, 2)
     assert TaskResultMeta.objects.filter(task_id=result.id).count() == 1
     assert row.get_call() == ([2], {})
+    assert row.parent_id is None and not (row.meta or {}).get("children")
+    assert list(result.collect()) == [(result, "succeeded after 2 retries")]  # no self-loop
 
 
 def test_typed_arguments_round_trip_exactly():
