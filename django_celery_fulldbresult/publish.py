@@ -33,10 +33,15 @@ _pending = threading.local()
 
 
 def result_ignored(app: Any, name: str, headers: dict[str, Any]) -> bool:
-    """True when nobody will store this task's result (task, app or per-call setting)."""
-    flag = headers.get("ignore_result")
-    if flag is not None:  # apply_async always sets it; send_task only per call
-        return bool(flag)
+    """True when the result may be ignored (per call, task attribute or task_ignore_result).
+
+    Errs on the side of not tracking: a PENDING row for a result nobody stores
+    would look stale forever. (Celery before 5.7 sends ``ignore_result=False``
+    from ``send_task`` when the caller said nothing, and lets the task
+    attribute win over the call.)
+    """
+    if headers.get("ignore_result"):
+        return True
     task = app.tasks.get(name)
     if task is not None:
         return bool(task.ignore_result)
