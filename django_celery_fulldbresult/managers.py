@@ -8,6 +8,7 @@ concurrent writers never need a read first and never lose a final state.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -209,7 +210,7 @@ def _insert_value(model, column: str, value: Any) -> Any:
     return field.get_default()
 
 
-def _on_conflict(connection, table: str) -> str:
+def _on_conflict(connection) -> str:
     if connection.vendor == "mysql":
         return "ON DUPLICATE KEY UPDATE"
     return f"ON CONFLICT ({_quote(connection, 'task_id')}) DO UPDATE SET"
@@ -244,6 +245,69 @@ def _precedence_sql(old_status: str, old_retries: str, new_status: str, retries:
     )
 
 
+def _quote_name(vendor: str, name: str) -> str:
+    return f"`{name}`" if vendor == "mysql" else f'"{name}"'
+
+
+def _incoming(vendor: str, column: str) -> str:
+    """The value the INSERT part carries for ``column``, as seen from the update part."""
+    quoted = _quote_name(vendor, column)
+    ref = f"VALUES({quoted})" if vendor == "mysql" else f"EXCLUDED.{quoted}"
+    # The NOT NULL name column gets '' when the writer does not know it.
+    return f"NULLIF({ref}, '')" if column == "task" else ref
+
+
+@functools.lru_cache(maxsize=256)
+def _upsert_update_sql(
+    vendor: str, table: str, final: bool, retries: int | None, replace_call: bool
+) -> str:
+    """The ``SET`` part of a state write; a pure function of its arguments, so cached.
+
+    The incoming values are read back from the INSERT part (``EXCLUDED``/``VALUES()``),
+    so the statement carries each value once.
+    """
+
+    def old(column: str) -> str:
+        return f"{_quote_name(vendor, table)}.{_quote_name(vendor, column)}"
+
+    wins = _precedence_sql(old("status"), old("retries"), SUCCESS if final else "PENDING", retries)
+    sets: list[str] = []
+    for column, policy in COLUMN_POLICY.items():
+        new, ref = _incoming(vendor, column), old(column)
+        target = _quote_name(vendor, column)
+        if policy == FILL and replace_call:
+            policy = LATEST
+        if policy == FILL and column == "task":  # NOT NULL: '' means unknown
+            sets.append(f"{target} = COALESCE(NULLIF({ref}, ''), {new}, '')")
+        elif policy == FILL:
+            sets.append(f"{target} = COALESCE({ref}, {new})")
+        elif policy == LATEST:
+            sets.append(
+                f"{target} = CASE WHEN {wins} THEN COALESCE({new}, {ref})"
+                f" ELSE COALESCE({ref}, {new}) END"
+            )
+        elif policy == STATE:
+            sets.append(f"{target} = CASE WHEN {wins} THEN {new} ELSE {ref} END")
+        else:  # STATE_KEEP
+            sets.append(f"{target} = CASE WHEN {wins} THEN COALESCE({new}, {ref}) ELSE {ref} END")
+    # status and retries last. Every expression above reads the stored status
+    # and retries. MySQL applies assignments left to right (later ones see the
+    # new values), so there the retries expression runs after the status one
+    # and asks whether the status is now the incoming one; PostgreSQL and
+    # SQLite see only stored values and can reuse the precedence test.
+    status_col, retries_col = _quote_name(vendor, "status"), _quote_name(vendor, "retries")
+    new_status = _incoming(vendor, "status")
+    sets.append(f"{status_col} = CASE WHEN {wins} THEN {new_status} ELSE {old('status')} END")
+    if retries is not None:
+        incoming = int(retries)
+        won = f"{old('status')} = {new_status}" if vendor == "mysql" else wins
+        sets.append(
+            f"{retries_col} = CASE WHEN {won} AND {incoming} > {old('retries')}"
+            f" THEN {incoming} ELSE {old('retries')} END"
+        )
+    return ", ".join(sets)
+
+
 def _build_upsert(
     model, connection, values: Mapping[str, Any], *, retries: int | None, replace_call: bool
 ) -> tuple[str, list[Any]]:
@@ -251,62 +315,14 @@ def _build_upsert(
     insert_sql, params = _insert_clause(
         model, connection, columns, {**values, "retries": retries or 0}
     )
-    table = _quote(connection, model._meta.db_table)
-
-    def old(column: str) -> str:
-        return f"{table}.{_quote(connection, column)}"
-
-    wins = _precedence_sql(old("status"), old("retries"), values["status"], retries)
-
-    sets: list[str] = []
-    for column, policy in COLUMN_POLICY.items():
-        value = _prep(model, connection, column, values.get(column))
-        holder = _placeholder(connection, column)
-        ref = old(column)
-        target = _quote(connection, column)
-        if policy == FILL and replace_call and value is not None:
-            policy = LATEST
-        if policy == FILL:
-            if column == "task":  # NOT NULL, '' means unknown
-                sets.append(f"{target} = COALESCE(NULLIF({ref}, ''), {holder}, '')")
-            else:
-                sets.append(f"{target} = COALESCE({ref}, {holder})")
-            params.append(value)
-        elif policy == LATEST:
-            sets.append(
-                f"{target} = CASE WHEN {wins} THEN COALESCE({holder}, {ref})"
-                f" ELSE COALESCE({ref}, {holder}) END"
-            )
-            params.extend([value, value])
-        elif policy == STATE:
-            sets.append(f"{target} = CASE WHEN {wins} THEN {holder} ELSE {ref} END")
-            params.append(value)
-        else:  # STATE_KEEP
-            sets.append(
-                f"{target} = CASE WHEN {wins} THEN COALESCE({holder}, {ref}) ELSE {ref} END"
-            )
-            params.append(value)
-    # status and retries last. Every expression above reads the stored status
-    # and retries. MySQL applies assignments left to right (later ones see the
-    # new values), so there the retries expression runs after the status one
-    # and asks whether the status is now the incoming one; PostgreSQL and
-    # SQLite see only stored values and can reuse the precedence test.
-    status_col, retries_col = _quote(connection, "status"), _quote(connection, "retries")
-    sets.append(f"{status_col} = CASE WHEN {wins} THEN %s ELSE {old('status')} END")
-    params.append(values["status"])
-    if retries is not None:
-        incoming = int(retries)
-        if connection.vendor == "mysql":
-            won = f"{old('status')} = %s"
-            params.append(values["status"])
-        else:
-            won = wins
-        sets.append(
-            f"{retries_col} = CASE WHEN {won} AND {incoming} > {old('retries')}"
-            f" THEN {incoming} ELSE {old('retries')} END"
-        )
-    sql = f"{insert_sql} {_on_conflict(connection, table)} {', '.join(sets)}"
-    return sql, params
+    update_sql = _upsert_update_sql(
+        connection.vendor,
+        model._meta.db_table,
+        values["status"] in FINAL_STATES,
+        retries,
+        replace_call,
+    )
+    return f"{insert_sql} {_on_conflict(connection)} {update_sql}", params
 
 
 #: Columns a publish record may fill on an existing row (never state columns).
@@ -327,7 +343,7 @@ def _build_insert_or_fill(model, connection, values: Mapping[str, Any]) -> tuple
         else:
             sets.append(f"{target} = COALESCE({ref}, {holder})")
         params.append(_prep(model, connection, column, values.get(column)))
-    sql = f"{insert_sql} {_on_conflict(connection, table)} {', '.join(sets)}"
+    sql = f"{insert_sql} {_on_conflict(connection)} {', '.join(sets)}"
     return sql, params
 
 
