@@ -59,6 +59,8 @@ COLUMN_POLICY: dict[str, str] = {
 }
 
 JSON_COLUMNS = frozenset({"args", "kwargs", "options", "meta"})
+#: Written by every INSERT even when the writer does not know them (field defaults).
+NOT_NULL_COLUMNS = frozenset({"task", "replayable"})
 _FINALS_SQL = ", ".join(f"'{state}'" for state in sorted(FINAL_STATES))
 
 
@@ -216,8 +218,14 @@ def _on_conflict(connection) -> str:
     return f"ON CONFLICT ({_quote(connection, 'task_id')}) DO UPDATE SET"
 
 
+#: Alias of the target table in upserts (PostgreSQL, SQLite): keeps statements short.
+ROW_ALIAS = "t"
+
+
 def _insert_clause(model, connection, columns: list[str], values: Mapping[str, Any]):
     table = _quote(connection, model._meta.db_table)
+    if connection.vendor != "mysql":
+        table = f"{table} AS {ROW_ALIAS}"
     names = ", ".join(_quote(connection, c) for c in columns)
     holders = ", ".join(_placeholder(connection, c) for c in columns)
     params = [_prep(model, connection, c, _insert_value(model, c, values.get(c))) for c in columns]
@@ -259,20 +267,27 @@ def _incoming(vendor: str, column: str) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _upsert_update_sql(
-    vendor: str, table: str, final: bool, retries: int | None, replace_call: bool
+    vendor: str,
+    table: str,
+    columns: tuple[str, ...],
+    final: bool,
+    retries: int | None,
+    replace_call: bool,
 ) -> str:
     """The ``SET`` part of a state write; a pure function of its arguments, so cached.
 
     The incoming values are read back from the INSERT part (``EXCLUDED``/``VALUES()``),
-    so the statement carries each value once.
+    so the statement carries each value once, and only ``columns`` (what the
+    writer knows, plus the state columns) appear at all.
     """
 
     def old(column: str) -> str:
-        return f"{_quote_name(vendor, table)}.{_quote_name(vendor, column)}"
+        return _stored(vendor, column)
 
     wins = _precedence_sql(old("status"), old("retries"), SUCCESS if final else "PENDING", retries)
     sets: list[str] = []
-    for column, policy in COLUMN_POLICY.items():
+    for column in columns:
+        policy = COLUMN_POLICY[column]
         new, ref = _incoming(vendor, column), old(column)
         target = _quote_name(vendor, column)
         if policy == FILL and replace_call:
@@ -311,13 +326,23 @@ def _upsert_update_sql(
 def _build_upsert(
     model, connection, values: Mapping[str, Any], *, retries: int | None, replace_call: bool
 ) -> tuple[str, list[Any]]:
-    columns = ["task_id", *COLUMN_POLICY, "status", "retries"]
+    # A column the writer does not know and that the state does not reset is
+    # left out: the stored value stays, and the statement stays short.
+    known = tuple(
+        column
+        for column, policy in COLUMN_POLICY.items()
+        if policy == STATE or column in NOT_NULL_COLUMNS or values.get(column) is not None
+    )
     insert_sql, params = _insert_clause(
-        model, connection, columns, {**values, "retries": retries or 0}
+        model,
+        connection,
+        ["task_id", *known, "status", "retries"],
+        {**values, "retries": retries or 0},
     )
     update_sql = _upsert_update_sql(
         connection.vendor,
         model._meta.db_table,
+        known,
         values["status"] in FINAL_STATES,
         retries,
         replace_call,
@@ -329,22 +354,34 @@ def _build_upsert(
 PUBLISH_FILL_COLUMNS = [c for c, p in COLUMN_POLICY.items() if p in (FILL, LATEST)]
 
 
+def _stored(vendor: str, column: str) -> str:
+    """The stored row's value of ``column`` inside an upsert's update part.
+
+    PostgreSQL and SQLite address it through the target's alias (see
+    ``_insert_clause``); MySQL has no alias there, and unqualified names mean
+    the stored row.
+    """
+    if vendor == "mysql":
+        return _quote_name(vendor, column)
+    return f"{ROW_ALIAS}.{_quote_name(vendor, column)}"
+
+
+@functools.lru_cache(maxsize=8)
+def _fill_update_sql(vendor: str) -> str:
+    sets = []
+    for column in PUBLISH_FILL_COLUMNS:
+        ref, new = _stored(vendor, column), _incoming(vendor, column)
+        if column == "task":
+            sets.append(f"{_quote_name(vendor, column)} = COALESCE(NULLIF({ref}, ''), {new}, '')")
+        else:
+            sets.append(f"{_quote_name(vendor, column)} = COALESCE({ref}, {new})")
+    return ", ".join(sets)
+
+
 def _build_insert_or_fill(model, connection, values: Mapping[str, Any]) -> tuple[str, list[Any]]:
     columns = ["task_id", *PUBLISH_FILL_COLUMNS, "status", "retries", "date_modified"]
     insert_sql, params = _insert_clause(model, connection, columns, values)
-    table = _quote(connection, model._meta.db_table)
-    sets = []
-    for column in PUBLISH_FILL_COLUMNS:
-        ref = f"{table}.{_quote(connection, column)}"
-        target = _quote(connection, column)
-        holder = _placeholder(connection, column)
-        if column == "task":
-            sets.append(f"{target} = COALESCE(NULLIF({ref}, ''), {holder}, '')")
-        else:
-            sets.append(f"{target} = COALESCE({ref}, {holder})")
-        params.append(_prep(model, connection, column, values.get(column)))
-    sql = f"{insert_sql} {_on_conflict(connection)} {', '.join(sets)}"
-    return sql, params
+    return f"{insert_sql} {_on_conflict(connection)} {_fill_update_sql(connection.vendor)}", params
 
 
 def _delete_in_batches(
