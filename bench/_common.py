@@ -36,7 +36,9 @@ VAR_DIR = "/tmp/fulldb-bench"
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
 #: Names other people's runs use: a benchmark must never touch them.
-FORBIDDEN_DBS = frozenset({"test_fulldbresult", "fulldbresult", "postgres", "template0", "template1"})
+FORBIDDEN_DBS = frozenset(
+    {"test_fulldbresult", "fulldbresult", "postgres", "template0", "template1"}
+)
 FORBIDDEN_QUEUES = frozenset({"celery"})
 
 TASK_TABLE = "django_celery_fulldbresult_taskresultmeta"
@@ -211,7 +213,9 @@ def _rabbit_version() -> str:
     try:
         import amqp
 
-        conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest", connect_timeout=5)
+        conn = amqp.Connection(
+            "127.0.0.1:5672", userid="guest", password="guest", connect_timeout=5
+        )
         conn.connect()
         try:
             value = conn.server_properties.get("version", "unknown")
@@ -257,7 +261,16 @@ def machine_info(command: str) -> dict[str, str]:
         "psycopg": _version("psycopg"),
         "postgresql": _pg_version(),
         "rabbitmq": _rabbit_version(),
+        "load average at start": load_average(),
     }
+
+
+def load_average() -> str:
+    """1/5/15-minute load: other jobs on the machine skew the figures."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def _memory() -> str:

@@ -117,10 +117,12 @@ def statements_per_write(ours, dcr) -> dict:
         ):
             others = [a for a in ("default", hidden) if a != alias]
             conn = connections[alias]
-            with CaptureQueriesContext(conn) as captured:
-                with CaptureQueriesContext(connections[others[0]]) as elsewhere:
-                    with _common.wire_trace(conn) as wire:
-                        backend.store_result(task_id, result, state, request=request)
+            with (
+                CaptureQueriesContext(conn) as captured,
+                CaptureQueriesContext(connections[others[0]]) as elsewhere,
+                _common.wire_trace(conn) as wire,
+            ):
+                backend.store_result(task_id, result, state, request=request)
             kinds = [q["sql"].split(None, 1)[0].upper() for q in captured.captured_queries]
             rows.append(
                 [

@@ -24,25 +24,33 @@ def delta_from_options(options: dict[str, Any]) -> timedelta:
     return timedelta(**{unit: options.get(unit) or 0 for unit in DELTA_UNITS})
 
 
-def write_rows(command: Any, header: str, rows: Iterable[Any], as_json: bool) -> int:
-    """Print rows in the 0.5.x format (or as JSON); return how many were printed."""
-    count = 0
+#: The columns a listing command reads (plain values: no model instances, no JSON decoding).
+ROW_FIELDS = ("task_id", "task", "status", "reference_date", "eta", "hostname")
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def write_rows(command: Any, header: str, rows: Iterable[dict[str, Any]], as_json: bool) -> int:
+    """Print rows (dicts of ROW_FIELDS) in the 0.5.x format or as JSON; return the count."""
     if as_json:
         items = [
             {
-                "task_id": row.task_id,
-                "task": row.task,
-                "status": row.status,
-                "date": row.reference_date.isoformat() if row.reference_date else None,
-                "eta": row.eta.isoformat() if row.eta else None,
-                "hostname": row.hostname,
+                "task_id": row["task_id"],
+                "task": row["task"],
+                "status": row["status"],
+                "date": _iso(row["reference_date"]),
+                "eta": _iso(row["eta"]),
+                "hostname": row["hostname"],
             }
             for row in rows
         ]
         command.stdout.write(json.dumps(items, indent=2))
         return len(items)
     command.stdout.write(header)
+    count = 0
     for row in rows:
-        command.stdout.write(f"  {row.reference_date} - {row.task_id}: {row.task}")
+        command.stdout.write(f"  {row['reference_date']} - {row['task_id']}: {row['task']}")
         count += 1
     return count

@@ -6,6 +6,7 @@ from django.core.management.base import BaseCommand
 from django.db.models import Case, F, When
 
 from django_celery_fulldbresult.management.delta import (
+    ROW_FIELDS,
     add_delta_arguments,
     delta_from_options,
     write_rows,
@@ -43,7 +44,7 @@ class Command(BaseCommand):
                     When(status=SCHEDULED, then=F("eta")), default=F("date_modified")
                 )
             )
-            .only("task_id", "task", "status", "eta", "hostname", "date_modified")
             .order_by("date_modified")
+            .values(*ROW_FIELDS)
         )
         write_rows(self, "Stale tasks:", rows.iterator(chunk_size=2000), options["json"])

@@ -1,0 +1,292 @@
+"""Run every benchmark and write the summary to bench/results/latest.md.
+
+    python bench/run.py            # stores.py, e2e.py, stale_plan.py (about 4-6 min)
+    python bench/run.py --quick    # smaller counts, a smoke test (about 1.5 min)
+    python bench/run.py --only stores,e2e
+
+Each benchmark runs in its own process (they use different databases and
+settings) with a time limit; the runs are isolated from the tests and the demo
+(database ``fulldb_bench``/``fulldb_bench_stale``, queue ``bench``, var dir
+``/tmp/fulldb-bench``). PostgreSQL and RabbitMQ on 127.0.0.1 must be up
+(``bash scripts/services.sh`` starts them; this script tries it once).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+
+
+def _reexec_in_venv() -> None:
+    """``python bench/run.py`` with a Python that lacks the project: use the venv's."""
+    try:
+        import celery  # noqa: F401
+        import django  # noqa: F401
+    except ImportError:
+        venv = REPO / ".venv" / "bin" / "python"
+        if venv.exists() and not os.environ.get("FULLDB_BENCH_REEXEC"):
+            os.environ["FULLDB_BENCH_REEXEC"] = "1"
+            os.environ.setdefault("FULLDB_BENCH_COMMAND", " ".join(sys.orig_argv))
+            os.execv(str(venv), [str(venv), *sys.orig_argv[1:]])
+        raise
+
+
+_reexec_in_venv()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shlex  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+sys.path.insert(0, str(BENCH))
+
+import _common  # noqa: E402
+
+#: name -> (script, arguments, time limit in seconds, quick arguments)
+BENCHMARKS = {
+    "stores": ("stores.py", [], 300, ["--tasks", "500", "--repeat", "1", "--warmup", "50"]),
+    "e2e": ("e2e.py", [], 420, ["--tasks", "300", "--rounds", "1"]),
+    "stale": ("stale_plan.py", [], 300, ["--repeat", "3"]),
+}
+
+
+def reachable(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def ensure_services() -> None:
+    for name, port in (("pg", 5432), ("rabbit", 5672)):
+        if not reachable(port):
+            print(f"{name} is down on 127.0.0.1:{port}; trying scripts/services.sh {name}")
+            subprocess.run(["bash", str(REPO / "scripts" / "services.sh"), name], timeout=120)
+        if not reachable(port):
+            raise SystemExit(f"{name} is not reachable on 127.0.0.1:{port}")
+
+
+def run_one(name: str, quick: bool, extra: list[str]) -> dict:
+    script, args, limit, quick_args = BENCHMARKS[name]
+    out_json = Path(_common.VAR_DIR) / f"{name}.json"
+    out_json.unlink(missing_ok=True)
+    log = Path(_common.VAR_DIR) / f"{name}.out"
+    command = [
+        sys.executable,
+        str(BENCH / script),
+        *args,
+        *(quick_args if quick else []),
+        *extra,
+        "--json-out",
+        str(out_json),
+    ]
+    print(f"[run] {name}: {shlex.join(command[1:])} (limit {limit} s, output {log})", flush=True)
+    started = time.monotonic()
+    with log.open("w") as stdout:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=stdout, env=_common.bench_env())
+        try:
+            code = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            print(f"[run] {name}: over {limit} s, stopping it", flush=True)
+            code = _stop(proc)
+        except KeyboardInterrupt:
+            # The child got the same SIGINT and cleans up (stops its worker).
+            _stop(proc, signal.SIGINT)
+            raise
+    seconds = time.monotonic() - started
+    if code != 0 or not out_json.exists():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        print(f"[run] {name}: FAILED (exit {code}) after {seconds:.0f} s\n{tail}", flush=True)
+        return {"name": name, "failed": True, "exit_code": code, "seconds": seconds}
+    print(f"[run] {name}: done in {seconds:.0f} s", flush=True)
+    result = json.loads(out_json.read_text())
+    result["seconds"] = seconds
+    return result
+
+
+def _stop(proc: subprocess.Popen, first: int = signal.SIGTERM) -> int:
+    """Ask the child to stop (it stops its worker in ``finally``); kill it if it hangs."""
+    try:
+        if proc.poll() is None and first != signal.SIGINT:
+            proc.send_signal(first)
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+# -- summary ------------------------------------------------------------------
+
+
+def headline(results: dict[str, dict]) -> str:
+    rows = []
+    stores = results.get("stores")
+    if stores and not stores.get("failed"):
+        raw = stores["sections"][0]["raw"]
+        for label in ("first write (STARTED)", "later write (SUCCESS)"):
+            ours = raw[f"ours/{label}"]
+            dcr = raw[f"django-celery-results/{label}"]
+            rows.append(
+                [
+                    f"SQL statements per {label}",
+                    str(ours["statements"]),
+                    str(dcr["statements"]),
+                    "",
+                ]
+            )
+        summary = stores["sections"][1]["summary"]
+        ours, dcr = summary["ours"], summary["django-celery-results"]
+        floor = summary["floor (raw upsert)"]
+        rows.append(
+            [
+                "backend writes/s (3 per task, in process)",
+                ours["writes_per_s"],
+                dcr["writes_per_s"],
+                f"**{ours['writes_per_s'] / dcr['writes_per_s']:.2f}x**",
+            ]
+        )
+        rows.append(
+            [
+                "write latency p50 / p99 ms",
+                f"{ours['p50_ms']:.3f} / {ours['p99_ms']:.3f}",
+                f"{dcr['p50_ms']:.3f} / {dcr['p99_ms']:.3f}",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                "floor: raw 1-statement upsert writes/s (p50 ms)",
+                f"{floor['writes_per_s']:,.0f} ({floor['p50_ms']:.3f})",
+                "",
+                "",
+            ]
+        )
+    e2e = results.get("e2e")
+    if e2e and not e2e.get("failed"):
+        by_key = {
+            (c["backend"], c["reuse_max"]): c
+            for c in e2e["configs"]
+            if c.get("track_publish", True)
+        }
+        for reuse, label in (
+            ("", "Celery default (close per task)"),
+            ("1000", "DB_REUSE_MAX=1000"),
+        ):
+            ours = by_key.get(("ours", reuse))
+            dcr = by_key.get(("django-celery-results", reuse))
+            if ours and dcr:
+                rows.append(
+                    [
+                        f"end-to-end tasks/s, {label}",
+                        ours["tasks_per_s"],
+                        dcr["tasks_per_s"],
+                        f"**{ours['tasks_per_s'] / dcr['tasks_per_s']:.2f}x**",
+                    ]
+                )
+    stale = results.get("stale")
+    if stale and not stale.get("failed"):
+        case = stale["cases"][0]
+        rows.append(
+            [
+                f"stale query on {sum(stale['facts']['states'].values()):,} rows: execution ms "
+                f"({case['rows']:,} stale rows)",
+                f"{case['execution_ms']:.1f} ({'<' if stale['target_met'] else '>='} 50 target)",
+                "",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                "stale query: index used / seq scan on task table",
+                f"{', '.join(case['indexes']) or 'none'} / "
+                f"{'yes' if case['seq_scan_on_task_table'] else 'no'}",
+                "",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                "stale: list(qs) ms / find_stale_tasks --json ms",
+                f"{stale['list_ms']:.0f} / {stale['command_ms']:.0f}",
+                "",
+                "",
+            ]
+        )
+    failed = [name for name, r in results.items() if r.get("failed")]
+    text = _common.table(["measure", "ours", "django-celery-results", "ours / d-c-r"], rows)
+    if failed:
+        text += f"\n\n**FAILED:** {', '.join(failed)} (see /tmp/fulldb-bench/<name>.out)"
+    return text
+
+
+def report(results: dict[str, dict], info: dict[str, str], total: float) -> str:
+    lines = ["# django-celery-fulldbresult benchmarks", ""]
+    lines.append(f"Command: `{info['command']}` (from the repository root), total {total:.0f} s.")
+    lines.append("")
+    lines.append(
+        _common.table(["machine", ""], [[k, v] for k, v in info.items() if k != "command"])
+    )
+    lines += ["", "## Summary", "", headline(results), ""]
+    for name, result in results.items():
+        lines.append(f"## {name} ({result.get('seconds', 0):.0f} s)")
+        lines.append("")
+        if result.get("failed"):
+            lines.append(f"FAILED with exit code {result.get('exit_code')}")
+            lines.append("")
+            continue
+        lines.append(_common.render_sections(result["sections"]))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description="Run all benchmarks; write bench/results/latest.md"
+    )
+    parser.add_argument("--quick", action="store_true", help="small counts (smoke test)")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset")
+    parser.add_argument("--refill", action="store_true", help="stale_plan: refill the 1M rows")
+    args = parser.parse_args()
+    os.environ.pop("FULLDB_BENCH_REEXEC", None)
+    command = os.environ.pop("FULLDB_BENCH_COMMAND", None) or shlex.join(sys.orig_argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = set(names) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+
+    Path(_common.VAR_DIR).mkdir(parents=True, exist_ok=True)
+    ensure_services()
+    info = _common.machine_info(command)
+    started = time.monotonic()
+    results: dict[str, dict] = {}
+    try:
+        for name in names:
+            extra = ["--refill"] if name == "stale" and args.refill else []
+            results[name] = run_one(name, args.quick, extra)
+    except KeyboardInterrupt:
+        print("[run] interrupted", file=sys.stderr)
+        return 130
+    total = time.monotonic() - started
+    info["load average at end"] = _common.load_average()
+
+    text = report(results, info, total)
+    _common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (_common.RESULTS_DIR / "latest.md").write_text(text)
+    (_common.RESULTS_DIR / "latest.json").write_text(
+        json.dumps({"info": info, "results": results, "seconds": total}, indent=2, default=str)
+    )
+    print()
+    print(text)
+    print(f"[run] written {(_common.RESULTS_DIR / 'latest.md').relative_to(REPO)}")
+    return 1 if any(r.get("failed") for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
