@@ -21,6 +21,12 @@ from django.db import connections
 
 REPO = Path(__file__).resolve().parents[1]
 STACK = os.environ.get("FULLDB_STACK", "sqlite")
+#: Prefix of every queue a test uses, so that concurrent runs sharing a broker stay apart.
+QUEUE_PREFIX = os.environ.get("FULLDB_QUEUE", "celery")
+
+
+def queue_name(purpose: str) -> str:
+    return f"{QUEUE_PREFIX}-{purpose}"
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05):
@@ -73,10 +79,13 @@ def _close_dedicated_connections(django_db_setup):
     db.close_all()
 
 
-def _purge(app) -> None:
+def _purge(app, names: list[str] | None = None) -> None:
+    """Empty the app's queues (or the named ones): a killed worker may leave messages."""
     with app.connection_for_write() as conn:
         channel = conn.default_channel
-        for queue in app.amqp.queues.values():
+        queues = list(app.amqp.queues.values())
+        queues += [app.amqp.queues[name] for name in names or ()]  # created if missing
+        for queue in queues:
             queue.bind(channel).declare()
             queue.bind(channel).purge()
 
@@ -104,8 +113,9 @@ def worker(django_db_setup, django_db_blocker, celery_app) -> Iterator[object]:
 class WorkerProcesses:
     """Starts ``celery worker`` subprocesses on the test database and stops them."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, app) -> None:
         self.log_dir = log_dir
+        self.app = app
         self.procs: list[subprocess.Popen] = []
 
     def start(
@@ -137,6 +147,7 @@ class WorkerProcesses:
         ]
         if queues:
             cmd += ["-Q", queues]
+            _purge(self.app, queues.split(","))
         full_env = {
             **os.environ,
             "FULLDB_TEST_DB": "1",
@@ -189,7 +200,7 @@ class WorkerProcesses:
 @pytest.fixture
 def worker_processes(django_db_setup, tmp_path, celery_app) -> Iterator[WorkerProcesses]:
     _purge(celery_app)
-    procs = WorkerProcesses(tmp_path)
+    procs = WorkerProcesses(tmp_path, celery_app)
     try:
         yield procs
     finally:

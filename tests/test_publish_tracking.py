@@ -16,11 +16,11 @@ from django_celery_fulldbresult import publish, records
 from django_celery_fulldbresult.models import TaskResultMeta
 from testproject.demo import tasks
 
-from .conftest import STACK, requires_server_db
+from .conftest import STACK, queue_name, requires_server_db
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-NOBODY = "nobody"  # a queue no test worker consumes: published tasks stay PENDING
+NOBODY = queue_name("nobody")  # no test worker consumes it: its tasks stay PENDING
 
 
 def drain(app, queue: str = NOBODY) -> list:

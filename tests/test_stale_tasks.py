@@ -16,7 +16,7 @@ from django.utils import timezone
 from django_celery_fulldbresult import SCHEDULED, SCHEDULED_SENT
 from django_celery_fulldbresult.models import TaskResultMeta, WorkerHeartbeat
 
-from .conftest import requires_postgresql, wait_for
+from .conftest import queue_name, requires_postgresql, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -134,14 +134,15 @@ def test_started_task_of_a_killed_worker_becomes_stale(worker_processes, setting
     from testproject.demo import tasks
 
     settings.DJANGO_CELERY_FULLDBRESULT_WORKER_HEARTBEAT = 1
+    fast_beat = {"FULLDB_HEARTBEAT": "1"}
     doomed = worker_processes.start(
-        "doomed", pool="solo", concurrency=1, queues="doomed", env={"FULLDB_HEARTBEAT": "1"}
+        "doomed", pool="solo", concurrency=1, queues=queue_name("doomed"), env=fast_beat
     )
     alive = worker_processes.start(
-        "alive", pool="solo", concurrency=1, queues="alive", env={"FULLDB_HEARTBEAT": "1"}
+        "alive", pool="solo", concurrency=1, queues=queue_name("alive"), env=fast_beat
     )
-    lost = tasks.sleep.apply_async((60,), queue="doomed")
-    running = tasks.sleep.apply_async((60,), queue="alive")
+    lost = tasks.sleep.apply_async((60,), queue=queue_name("doomed"))
+    running = tasks.sleep.apply_async((60,), queue=queue_name("alive"))
     for result in (lost, running):
         wait_for(lambda r=result: r.state == states.STARTED, 30)
     assert stale_ids(timedelta(0)) == set()
