@@ -10,9 +10,11 @@ class FullDBResultConfig(AppConfig):
     def ready(self) -> None:
         from celery import signals
 
-        from . import db, heartbeat, publish
+        from . import conf, db, heartbeat, publish, scheduling
 
         db.install_fork_handler()
+        if conf.get("MONKEY_PATCH_ASYNC"):
+            scheduling.patch_send_task()
         # Receivers stay connected; each checks its setting on every call so
         # override_settings can switch the features on and off.
         signals.before_task_publish.connect(

@@ -33,9 +33,19 @@ DEFAULTS: dict[str, Any] = {
     "WORKER_HEARTBEAT_GRACE": 3,
     # Rows deleted per statement by the expiry cleanup.
     "CLEANUP_BATCH_SIZE": 5000,
-    # ETA scheduler (issue 3) and admin (issue 4) settings.
+    # Database ETA scheduler: hold eta/countdown tasks in the database.
     "SCHEDULE_ETA": False,
+    # Intercept every app's send_task (apply_async, delay, signatures, retry) without code change.
     "MONKEY_PATCH_ASYNC": False,
+    # Task names (fnmatch patterns) whose delay stays in the broker.
+    "SCHEDULE_EXCLUDE": (),
+    # Delays shorter than this many seconds stay in the broker.
+    "SCHEDULE_MIN_DELAY": 0.0,
+    # Rows claimed and published per sender batch.
+    "SCHEDULER_BATCH_SIZE": 500,
+    # Longest sleep of run_scheduler between two polls, in seconds.
+    "SCHEDULER_INTERVAL": 1.0,
+    # Admin (issue 4).
     "OVERRIDE_BEAT_ADMIN": False,
 }
 

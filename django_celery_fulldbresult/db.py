@@ -21,7 +21,9 @@ import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
+from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
+from django.db.models.functions import Now
 
 from . import conf
 
@@ -137,3 +139,21 @@ def install_fork_handler() -> None:
     if not _fork_handler_installed and hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_close_inherited_connections)
         _fork_handler_installed = True
+
+
+class DatabaseNow(Now):
+    """The database's clock in the form the project stores datetimes.
+
+    Django stores UTC on MySQL and SQLite when ``USE_TZ`` is on and local time
+    when it is off; MySQL's CURRENT_TIMESTAMP follows the session time zone,
+    so it is not used there.
+    """
+
+    def as_mysql(self, compiler, connection, **extra_context):
+        template = "UTC_TIMESTAMP(6)" if settings.USE_TZ else "NOW(6)"
+        return self.as_sql(compiler, connection, template=template, **extra_context)
+
+    def as_sqlite(self, compiler, connection, **extra_context):
+        modifier = "" if settings.USE_TZ else ", 'localtime'"
+        template = f"STRFTIME('%%%%Y-%%%%m-%%%%d %%%%H:%%%%M:%%%%f', 'NOW'{modifier})"
+        return self.as_sql(compiler, connection, template=template, **extra_context)

@@ -99,6 +99,18 @@ class TaskResultQuerySet(models.QuerySet):
             qs = qs.exclude(status=STARTED, hostname__in=live)
         return qs
 
+    def get_stale_scheduled_tasks(
+        self, max_duration: timedelta | None = None, now: datetime | None = None
+    ) -> TaskResultQuerySet:
+        """Scheduled rows a sender claimed but never recorded as sent (it crashed).
+
+        They may or may not have reached the broker: the scheduler never resends
+        them by itself (at most once); ``find_stale_scheduled_tasks --resend`` does
+        on purpose. ``max_duration``: how long ago the claim was taken.
+        """
+        cutoff = (now or timezone.now()) - (max_duration or timedelta(0))
+        return self.filter(status=SCHEDULED, scheduled_id__isnull=False, date_claimed__lte=cutoff)
+
 
 class TaskResultManager(models.Manager.from_queryset(TaskResultQuerySet)):
     def get_task(self, task_id: str) -> Any:

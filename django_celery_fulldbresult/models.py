@@ -92,6 +92,10 @@ class TaskResultMeta(models.Model):
     date_done = models.DateTimeField(_("done at"), null=True, blank=True)
     date_modified = models.DateTimeField(_("last state change"), default=timezone.now)
 
+    # Database ETA scheduler: the claim of the sender forwarding this row (0.5.x name).
+    scheduled_id = models.UUIDField(_("sender claim"), null=True, blank=True, editable=False)
+    date_claimed = models.DateTimeField(_("claimed at"), null=True, blank=True, editable=False)
+
     objects = TaskResultManager()
 
     class Meta:
@@ -110,6 +114,8 @@ class TaskResultMeta(models.Model):
             models.Index(
                 fields=["eta"], name="fdr_scheduled_eta_idx", condition=Q(status=SCHEDULED)
             ),
+            # The same where partial indexes do not exist (MySQL).
+            models.Index(fields=["status", "eta"], name="fdr_state_eta_idx"),
             # Expiry cleanup: only final rows have date_done.
             models.Index(fields=["date_done"], name="fdr_done_idx"),
         ]

@@ -24,7 +24,7 @@ from typing import Any
 from celery import current_app
 from django.db import connections, transaction
 
-from . import conf, db, records
+from . import conf, db, records, scheduling
 from .states import PENDING
 
 logger = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ def on_before_publish(
     **kwargs: Any,
 ) -> None:
     _pending.values = None
-    if not conf.track_publish():
-        return
+    if not conf.track_publish() or scheduling.is_forwarding():
+        return  # the scheduler's own sends already have their row
     try:
         headers = headers if headers is not None else (body if isinstance(body, dict) else {})
         app = current_app

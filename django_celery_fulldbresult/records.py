@@ -194,7 +194,7 @@ def from_message(
         "exchange": exchange or None,
         "routing_key": routing_key or None,
         "priority": properties.get("priority"),
-        "parent_id": _parent(headers.get("parent_id"), headers["id"]),
+        "parent_id": parent_of(headers.get("parent_id"), headers["id"]),
         "root_id": headers.get("root_id"),
         "group_id": headers.get("group"),
         "periodic_task_name": headers.get("periodic_task_name"),
@@ -206,7 +206,7 @@ def from_message(
     }
 
 
-def _parent(parent_id: str | None, task_id: str | None) -> str | None:
+def parent_of(parent_id: str | None, task_id: str | None) -> str | None:
     """A retry is sent from inside the task itself: it is not its own parent."""
     return None if parent_id == task_id else parent_id
 
@@ -242,7 +242,7 @@ def from_request(app: Any, request: Any) -> dict[str, Any]:
         "routing_key": delivery_info.get("routing_key") or None,
         "queue": delivery_info.get("routing_key") or None,
         "priority": delivery_info.get("priority"),
-        "parent_id": _parent(getattr(request, "parent_id", None), getattr(request, "id", None)),
+        "parent_id": parent_of(getattr(request, "parent_id", None), getattr(request, "id", None)),
         "root_id": getattr(request, "root_id", None),
         "group_id": getattr(request, "group", None),
         "periodic_task_name": getattr(request, "periodic_task_name", None),
