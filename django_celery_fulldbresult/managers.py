@@ -52,6 +52,9 @@ COLUMN_POLICY: dict[str, str] = {
     "traceback": STATE,
     "date_done": STATE,
     "date_modified": STATE,
+    # A winning state write ends any sender's claim (a retry is scheduled anew).
+    "scheduled_id": STATE,
+    "date_claimed": STATE,
     "meta": STATE_KEEP,
     "date_started": STATE_KEEP,
     "hostname": STATE_KEEP,

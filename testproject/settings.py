@@ -148,6 +148,10 @@ if os.environ.get("FULLDB_DB_REUSE_MAX", "1000"):
 DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = True
 DJANGO_CELERY_FULLDBRESULT_WORKER_HEARTBEAT = float(os.environ.get("FULLDB_HEARTBEAT", "2"))
 
+# FULLDB_SCHEDULE_ETA=1: eta/countdown tasks wait in the database (all apps, monkey patch).
+DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA = os.environ.get("FULLDB_SCHEDULE_ETA") == "1"
+DJANGO_CELERY_FULLDBRESULT_MONKEY_PATCH_ASYNC = os.environ.get("FULLDB_SCHEDULE_ETA") == "1"
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

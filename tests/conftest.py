@@ -178,6 +178,19 @@ class WorkerProcesses:
         return proc
 
     @staticmethod
+    def wait_group_gone(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+        """Wait for the pool children too: they hold database sessions until they exit."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    @staticmethod
     def kill(proc: subprocess.Popen) -> None:
         """SIGKILL the whole worker (main process and pool children)."""
         with contextlib.suppress(ProcessLookupError):
@@ -195,6 +208,8 @@ class WorkerProcesses:
     def stop_all(self) -> None:
         for proc in self.procs:
             self.stop(proc)
+        for proc in self.procs:
+            self.wait_group_gone(proc)
 
 
 @pytest.fixture

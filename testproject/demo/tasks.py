@@ -5,6 +5,8 @@ import time
 
 from celery import shared_task
 
+from django_celery_fulldbresult.tasks import ScheduledTask
+
 
 @shared_task
 def add(x, y):
@@ -78,3 +80,29 @@ def fire_and_forget():
 def spawn(count=2):
     """Send ``count`` subtasks; they become the task's children."""
     return [add.delay(i, i).id for i in range(count)]
+
+
+@shared_task(bind=True)
+def record_run(self, value=None):
+    """Record this execution (tests count them), then return ``value``."""
+    from django.utils import timezone
+
+    from testproject.demo.models import Run
+
+    Run.objects.create(task_id=self.request.id, pid=os.getpid(), ran_at=timezone.now())
+    return value
+
+
+@shared_task(base=ScheduledTask)
+def scheduled_add(x, y):
+    """Uses the scheduler's base class (no monkey patch needed)."""
+    return x + y
+
+
+@shared_task(bind=True, max_retries=2)
+def always_retry(self):
+    """Records each attempt, then retries in 1 s until max_retries is exceeded."""
+    from testproject.demo.models import Run
+
+    Run.objects.create(task_id=self.request.id, pid=os.getpid())
+    raise self.retry(exc=RuntimeError(f"attempt {self.request.retries}"), countdown=1)
