@@ -66,20 +66,25 @@ COLUMN_OPTIONS = (
     "expires",
 )
 
-EXPIRED_RESULT = serialization.dumps(
-    {
-        "exc_type": "TaskRevokedError",
-        "exc_message": ["expired before it was sent"],
-        "exc_module": "celery.exceptions",
+
+def _exception_result(exc_type: str, exc_module: str, message: str) -> str:
+    """A stored FAILURE/REVOKED result in Celery's JSON exception form."""
+    return serialization.dumps(
+        {"exc_type": exc_type, "exc_message": [message], "exc_module": exc_module}
+    )
+
+
+def _revoked(message: str) -> dict[str, Any]:
+    """Column changes that make a waiting row REVOKED with ``TaskRevokedError(message)``."""
+    now = timezone.now()
+    return {
+        "status": states.REVOKED,
+        "result": _exception_result("TaskRevokedError", "celery.exceptions", message),
+        "content_type": serialization.JSON_CONTENT_TYPE,
+        "content_encoding": "utf-8",
+        "date_done": now,
+        "date_modified": now,
     }
-)
-CANCELLED_RESULT = serialization.dumps(
-    {
-        "exc_type": "TaskRevokedError",
-        "exc_message": ["cancelled before it was sent"],
-        "exc_module": "celery.exceptions",
-    }
-)
 
 
 # -- publish side ---------------------------------------------------------------------
@@ -279,15 +284,7 @@ CLAIM_COLUMNS = (
     "packed_args",
     "packed_args_content_type",
     "options",
-    "queue",
-    "exchange",
-    "routing_key",
-    "priority",
-    "root_id",
-    "parent_id",
-    "group_id",
-    "retries",
-    "expires",
+    *COLUMN_OPTIONS,
 )
 
 
@@ -312,14 +309,7 @@ def expire_due(using: str) -> int:
     return (
         _scheduled_rows(using)
         .filter(scheduled_id__isnull=True, eta__lte=now, expires__lte=now)
-        .update(
-            status=states.REVOKED,
-            result=EXPIRED_RESULT,
-            content_type=serialization.JSON_CONTENT_TYPE,
-            content_encoding="utf-8",
-            date_done=timezone.now(),
-            date_modified=timezone.now(),
-        )
+        .update(**_revoked("expired before it was sent"))
     )
 
 
@@ -386,12 +376,10 @@ def _fail(using: str, row: dict[str, Any], token: uuid.UUID, error: BaseExceptio
         [row["id"]],
         token,
         status=states.FAILURE,
-        result=serialization.dumps(
-            {
-                "exc_type": type(error).__name__,
-                "exc_message": [f"cannot forward the scheduled task: {error}"],
-                "exc_module": type(error).__module__,
-            }
+        result=_exception_result(
+            type(error).__name__,
+            type(error).__module__,
+            f"cannot forward the scheduled task: {error}",
         ),
         content_type=serialization.JSON_CONTENT_TYPE,
         content_encoding="utf-8",
@@ -498,14 +486,7 @@ def cancel_scheduled(task_id: str, using: str | None = None) -> bool:
     return bool(
         _scheduled_rows(using)
         .filter(task_id=task_id, scheduled_id__isnull=True)
-        .update(
-            status=states.REVOKED,
-            result=CANCELLED_RESULT,
-            content_type=serialization.JSON_CONTENT_TYPE,
-            content_encoding="utf-8",
-            date_done=timezone.now(),
-            date_modified=timezone.now(),
-        )
+        .update(**_revoked("cancelled before it was sent"))
     )
 
 
