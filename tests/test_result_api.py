@@ -13,7 +13,7 @@ from celery.result import GroupResult
 from django_celery_fulldbresult.models import ChordCounter, GroupResultMeta, TaskResultMeta
 from testproject.demo import tasks
 
-from .conftest import wait_for
+from .conftest import QUEUE_PREFIX, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("worker")]
 
@@ -27,7 +27,7 @@ def test_get_ready_state_and_extended_fields():
     assert result.args == [2, 3] and result.kwargs == {}
     assert result.worker  # the in-thread worker's hostname
     assert result.retries == 0
-    assert result.queue == "celery"
+    assert result.queue == QUEUE_PREFIX  # the default queue
     assert isinstance(result.date_done, datetime.datetime)
     row = TaskResultMeta.objects.get(task_id=result.id)
     assert row.priority == 4
