@@ -337,8 +337,12 @@ def claim(using: str, token: uuid.UUID, batch_size: int) -> list[dict[str, Any]]
         _scheduled_rows(using).filter(id__in=ids, scheduled_id__isnull=True).update(
             scheduled_id=token, date_claimed=timezone.now()
         )
+    # By primary key (the token alone has no index); the token keeps only what we won.
     return list(
-        _scheduled_rows(using).filter(scheduled_id=token).order_by("eta").values(*CLAIM_COLUMNS)
+        _scheduled_rows(using)
+        .filter(id__in=ids, scheduled_id=token)
+        .order_by("eta")
+        .values(*CLAIM_COLUMNS)
     )
 
 
