@@ -33,32 +33,64 @@ DB_NAME = "fulldb_bench"
 STALE_DB_NAME = "fulldb_bench_stale"
 QUEUE = "bench"
 VAR_DIR = "/tmp/fulldb-bench"
+#: scheduler.py: a database, a queue and a var dir of its own (its workers and
+#: its sender must never meet the other benchmarks' messages or rows).
+SCHED_DB_NAME = "fulldb_bench_sched"
+SCHED_QUEUE = "bench_sched"
+SCHED_VAR_DIR = "/tmp/fulldb-bench-sched"
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
 #: Names other people's runs use: a benchmark must never touch them.
 FORBIDDEN_DBS = frozenset(
-    {"test_fulldbresult", "fulldbresult", "postgres", "template0", "template1"}
+    {"test_fulldbresult", "fulldbresult", "fulldb_dev", "postgres", "template0", "template1"}
 )
-FORBIDDEN_QUEUES = frozenset({"celery"})
+FORBIDDEN_QUEUES = frozenset({"celery", "dev"})
+
+
+def check_names(db_name: str, queue: str) -> None:
+    """Refuse the databases and queues of the tests, the demo and the developers."""
+    if db_name in FORBIDDEN_DBS or db_name.startswith("test_"):
+        raise SystemExit(f"refusing to run against the database {db_name!r}")
+    if queue in FORBIDDEN_QUEUES or queue.startswith("celery-"):
+        raise SystemExit(f"refusing to run against the queue {queue!r}")
+
 
 TASK_TABLE = "django_celery_fulldbresult_taskresultmeta"
 DCR_TABLE = "django_celery_results_taskresult"
 
 
-def bench_env(db_name: str = DB_NAME, **extra: str) -> dict[str, str]:
-    """The environment of a benchmark process (and of the worker it starts)."""
-    if db_name in FORBIDDEN_DBS or QUEUE in FORBIDDEN_QUEUES:
-        raise SystemExit(f"refusing to run against {db_name!r}/{QUEUE!r}")
+def reexec_in_venv() -> None:
+    """``python bench/<script>.py`` with a Python that lacks the project: use the venv's."""
+    try:
+        import celery  # noqa: F401
+        import django  # noqa: F401
+    except ImportError:
+        venv = REPO / ".venv" / "bin" / "python"
+        if venv.exists() and not os.environ.get("FULLDB_BENCH_REEXEC"):
+            os.environ["FULLDB_BENCH_REEXEC"] = "1"
+            os.environ.setdefault("FULLDB_BENCH_COMMAND", " ".join(sys.orig_argv))
+            os.execv(str(venv), [str(venv), *sys.orig_argv[1:]])
+        raise
+
+
+def bench_env(
+    db_name: str = DB_NAME, queue: str = QUEUE, var_dir: str = VAR_DIR, **extra: str
+) -> dict[str, str]:
+    """The environment of a benchmark process (and of the worker it starts).
+
+    The scheduler is off unless ``extra`` turns it on (``FULLDB_SCHEDULE_ETA="1"``).
+    """
+    check_names(db_name, queue)
     env = dict(os.environ)
-    for name in ("FULLDB_TEST_DB", "FULLDB_BACKEND", "FULLDB_DB_REUSE_MAX"):
+    for name in ("FULLDB_TEST_DB", "FULLDB_BACKEND", "FULLDB_DB_REUSE_MAX", "FULLDB_SCHEDULE_ETA"):
         env.pop(name, None)
     path = [str(REPO), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
     env.update(
         {
             "FULLDB_STACK": "pg-rabbit",
             "FULLDB_DB_NAME": db_name,
-            "FULLDB_QUEUE": QUEUE,
-            "FULLDB_VAR_DIR": VAR_DIR,
+            "FULLDB_QUEUE": queue,
+            "FULLDB_VAR_DIR": var_dir,
             # DEBUG=True makes Django keep every query in memory (and Celery warn):
             # measure what a production deployment runs.
             "FULLDB_DEBUG": "0",
@@ -85,12 +117,19 @@ def ensure_database(name: str) -> None:
             conn.execute(f'CREATE DATABASE "{name}"')
 
 
-def setup(db_name: str = DB_NAME, migrate: bool = True) -> None:
+def setup(
+    db_name: str = DB_NAME,
+    migrate: bool = True,
+    queue: str = QUEUE,
+    var_dir: str = VAR_DIR,
+    **extra: str,
+) -> None:
     """Isolate this process, create and migrate its database, and set Django up."""
     signal.signal(signal.SIGTERM, _terminate)
+    env = bench_env(db_name, queue, var_dir, **extra)
     os.environ.clear()
-    os.environ.update(bench_env(db_name))
-    Path(VAR_DIR).mkdir(parents=True, exist_ok=True)
+    os.environ.update(env)
+    Path(var_dir).mkdir(parents=True, exist_ok=True)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     ensure_database(db_name)

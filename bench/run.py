@@ -1,13 +1,14 @@
 """Run every benchmark and write the summary to bench/results/latest.md.
 
-    python bench/run.py            # stores.py, e2e.py, stale_plan.py (about 4-6 min)
-    python bench/run.py --quick    # smaller counts, a smoke test (about 1.5 min)
+    python bench/run.py            # stores.py, e2e.py, stale_plan.py, scheduler.py (about 7.5 min)
+    python bench/run.py --quick    # smaller counts, a smoke test (about 2 min)
     python bench/run.py --only stores,e2e
 
 Each benchmark runs in its own process (they use different databases and
 settings) with a time limit; the runs are isolated from the tests and the demo
 (database ``fulldb_bench``/``fulldb_bench_stale``, queue ``bench``, var dir
-``/tmp/fulldb-bench``). PostgreSQL and RabbitMQ on 127.0.0.1 must be up
+``/tmp/fulldb-bench``; scheduler.py: ``fulldb_bench_sched``, ``bench_sched``,
+``/tmp/fulldb-bench-sched``). PostgreSQL and RabbitMQ on 127.0.0.1 must be up
 (``bash scripts/services.sh`` starts them; this script tries it once).
 """
 
@@ -19,23 +20,11 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
 
+import _common  # noqa: E402
 
-def _reexec_in_venv() -> None:
-    """``python bench/run.py`` with a Python that lacks the project: use the venv's."""
-    try:
-        import celery  # noqa: F401
-        import django  # noqa: F401
-    except ImportError:
-        venv = REPO / ".venv" / "bin" / "python"
-        if venv.exists() and not os.environ.get("FULLDB_BENCH_REEXEC"):
-            os.environ["FULLDB_BENCH_REEXEC"] = "1"
-            os.environ.setdefault("FULLDB_BENCH_COMMAND", " ".join(sys.orig_argv))
-            os.execv(str(venv), [str(venv), *sys.orig_argv[1:]])
-        raise
-
-
-_reexec_in_venv()
+_common.reexec_in_venv()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -45,16 +34,15 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-sys.path.insert(0, str(BENCH))
-
-import _common  # noqa: E402
-
 #: name -> (script, arguments, time limit in seconds, quick arguments)
 BENCHMARKS = {
     "stores": ("stores.py", [], 300, ["--tasks", "500", "--repeat", "1", "--warmup", "50"]),
     "e2e": ("e2e.py", [], 420, ["--tasks", "300", "--rounds", "1"]),
     "stale": ("stale_plan.py", [], 300, ["--repeat", "3"]),
+    "scheduler": ("scheduler.py", [], 600, ["--quick"]),
 }
+#: Benchmarks that keep 1M rows across runs; --refill rebuilds them.
+REFILLABLE = ("stale", "scheduler")
 
 
 def reachable(port: int) -> bool:
@@ -220,11 +208,115 @@ def headline(results: dict[str, dict]) -> str:
                 "",
             ]
         )
+    scheduler = results.get("scheduler")
+    if scheduler and not scheduler.get("failed"):
+        rows.extend(scheduler_rows(scheduler))
     failed = [name for name, r in results.items() if r.get("failed")]
-    text = _common.table(["measure", "ours", "django-celery-results", "ours / d-c-r"], rows)
+    text = (
+        "Baseline: django-celery-results for the result backend rows; Celery without the "
+        "scheduler (native broker ETA, plain `apply_async`) for the `scheduler:` rows.\n\n"
+    )
+    text += _common.table(["measure", "ours", "baseline", "ours / baseline"], rows)
     if failed:
         text += f"\n\n**FAILED:** {', '.join(failed)} (see /tmp/fulldb-bench/<name>.out)"
     return text
+
+
+def scheduler_rows(result: dict) -> list[list[str]]:
+    """The summary rows of scheduler.py (whichever of its parts ran)."""
+    rows = []
+    mib = 2**20
+    memory = result.get("memory")
+    if memory:
+        native, ours = memory["native"], memory["scheduler"]
+
+        def rss(r: dict) -> str:
+            return (
+                f"{r['rss_before'] / mib:.0f} -> {r['rss_after'] / mib:.0f} "
+                f"({r['bytes_per_task']:+,.0f} B/task)"
+            )
+
+        rows.append(
+            [
+                f"scheduler: worker RSS MiB, idle -> {native['tasks']:,} countdown=3600 tasks "
+                "(baseline: native ETA in the worker)",
+                rss(ours),
+                rss(native),
+                f"**{ours['rss_after'] / native['rss_after']:.2f}x**",
+            ]
+        )
+    forward = result.get("forward")
+    if forward:
+        rows.append(
+            [
+                f"scheduler: forwarding tasks/s, {forward['count']:,} due rows, one process "
+                "(baseline: plain apply_async)",
+                forward["forward_per_s"],
+                forward["plain_per_s"],
+                f"**{forward['forward_per_s'] / forward['plain_per_s']:.2f}x**",
+            ]
+        )
+        reread = [c for c in forward["statement_costs"] if c["label"].startswith("claim: re-read")]
+        if reread:
+            c = reread[0]
+            seq = "**yes**" if c["seq_scan_on_task_table"] else "no"
+            rows.append(
+                [
+                    f"scheduler: claim re-read of the claimed rows at {forward['table_rows']:,} "
+                    f"rows, ms per batch of {forward['batch']}",
+                    f"{c['ms_per_call']:.0f} (seq scan: {seq})",
+                    "",
+                    "",
+                ]
+            )
+    lateness = result.get("lateness")
+    if lateness:
+        lo, hi = lateness["spread"]
+        for label, key in (
+            ("sender published - eta", "publish_lateness_ms"),
+            ("worker started - eta", "started_lateness_ms"),
+        ):
+            st = lateness[key]
+            rows.append(
+                [
+                    f"scheduler: lateness p50 / p95 / p99 / max ms, {label} "
+                    f"({lateness['count']:,} tasks over {lo:g}-{hi:g} s, run_scheduler)",
+                    f"{st['p50']:.0f} / {st['p95']:.0f} / {st['p99']:.0f} / {st['max']:.0f}",
+                    "",
+                    "",
+                ]
+            )
+        p99 = lateness["started_lateness_ms"]["p99"]
+        rows[-1][1] += f" ({'<' if p99 < 1000 else '>='} 1000 target)"
+        rows.append(
+            [
+                "scheduler: ran exactly once (row SUCCESS, one publish, one execution)",
+                f"{lateness['exactly_once']:,} / {lateness['count']:,}",
+                "",
+                "",
+            ]
+        )
+    empty = result.get("empty")
+    if empty:
+        rows.append(
+            [
+                f"scheduler: empty run_pass at {empty['rows']:,} rows not due: wall ms / DB "
+                "execution ms",
+                f"{empty['pass_ms_median']:.2f} / {empty['execution_ms_total']:.3f} "
+                f"({'<' if empty['target_met'] else '>='} 1 target)",
+                "",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                "scheduler: empty pass index used / seq scan on task table",
+                f"{', '.join(empty['indexes']) or 'none'} / {'yes' if empty['seq_scan'] else 'no'}",
+                "",
+                "",
+            ]
+        )
+    return rows
 
 
 def report(results: dict[str, dict], info: dict[str, str], total: float) -> str:
@@ -252,7 +344,9 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="small counts (smoke test)")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset")
-    parser.add_argument("--refill", action="store_true", help="stale_plan: refill the 1M rows")
+    parser.add_argument(
+        "--refill", action="store_true", help="stale_plan, scheduler: refill the 1M rows"
+    )
     args = parser.parse_args()
     os.environ.pop("FULLDB_BENCH_REEXEC", None)
     command = os.environ.pop("FULLDB_BENCH_COMMAND", None) or shlex.join(sys.orig_argv)
@@ -268,7 +362,7 @@ def main() -> int:
     results: dict[str, dict] = {}
     try:
         for name in names:
-            extra = ["--refill"] if name == "stale" and args.refill else []
+            extra = ["--refill"] if name in REFILLABLE and args.refill else []
             results[name] = run_one(name, args.quick, extra)
     except KeyboardInterrupt:
         print("[run] interrupted", file=sys.stderr)
