@@ -82,27 +82,7 @@ UNTRACKED_CONFIGS = [Config("ours", "", False), Config("ours", "1000", False)]
 
 
 def worker_command(node: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "testproject",
-        "worker",
-        "-P",
-        "prefork",
-        "-c",
-        "2",
-        "-Q",
-        _common.QUEUE,
-        "--loglevel=WARNING",
-        "-n",
-        node,
-        # No chatter with other workers on the same RabbitMQ (and no 1 s mingle wait).
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-    ]
+    return _common.worker_command(_common.QUEUE, node, 2, "--loglevel=WARNING")
 
 
 # -- worker process ---------------------------------------------------------

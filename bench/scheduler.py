@@ -272,27 +272,7 @@ def node_name() -> str:
 
 
 def worker_command(concurrency: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "testproject",
-        "worker",
-        "-P",
-        "prefork",
-        "-c",
-        str(concurrency),
-        "-Q",
-        QUEUE,
-        "-n",
-        node_name(),
-        # No chatter with other workers on the same RabbitMQ (and no 1 s mingle wait).
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-        *extra,
-    ]
+    return _common.worker_command(QUEUE, node_name(), concurrency, *extra)
 
 
 def new_worker(label: str, concurrency: int, env: dict[str, str], *extra: str) -> Child:

@@ -68,9 +68,6 @@ _FINALS_SQL = ", ".join(f"'{state}'" for state in sorted(FINAL_STATES))
 
 
 class TaskResultQuerySet(models.QuerySet):
-    def unfinished(self) -> TaskResultQuerySet:
-        return self.exclude(status__in=sorted(FINAL_STATES))
-
     def get_stale_tasks(
         self,
         max_duration: timedelta | None = None,
