@@ -414,8 +414,8 @@ def scheduler_on():
             scheduling.unpatch_send_task()
 
 
-TEMPLATE_COLUMNS = ("task", "kwargs", "replayable", "options", "queue", "exchange",
-                    "routing_key", "priority")  # fmt: skip
+TEMPLATE_COLUMNS = ("task", "kwargs", "kwargsrepr", "replayable", "options", "queue",
+                    "exchange", "routing_key", "priority")  # fmt: skip
 
 
 def template_row() -> dict[str, Any]:
@@ -439,11 +439,12 @@ def fill_scheduled(template: dict[str, Any], count: int, task_id: str, eta: str)
     sql(
         f"""
         INSERT INTO {_common.TASK_TABLE} (
-            task_id, task, status, args, kwargs, replayable, options, queue, exchange,
-            routing_key, priority, root_id, retries, eta, date_submitted, date_modified
+            task_id, task, status, args, argsrepr, kwargs, kwargsrepr, replayable, options,
+            queue, exchange, routing_key, priority, root_id, retries, eta, date_submitted,
+            date_modified
         )
-        SELECT s.id, %s, 'SCHEDULED', jsonb_build_array(s.g, s.g), %s::jsonb, %s,
-               %s::jsonb, %s, %s, %s, %s, s.id, 0, {eta}, now(), now()
+        SELECT s.id, %s, 'SCHEDULED', jsonb_build_array(s.g, s.g), format('(%%s, %%s)', s.g, s.g),
+               %s::jsonb, %s, %s, %s::jsonb, %s, %s, %s, %s, s.id, 0, {eta}, now(), now()
         FROM (SELECT {task_id} AS id, g FROM generate_series(1, %s) AS g) AS s
         """,
         [*(template[c] for c in TEMPLATE_COLUMNS), count],

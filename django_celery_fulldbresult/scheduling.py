@@ -19,8 +19,10 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from typing import Any
 
 from celery import states
@@ -156,9 +158,9 @@ def maybe_schedule(
     ``options`` are ``send_task``'s keywords. The returned ``AsyncResult`` has the
     task's own id and becomes ready when the forwarded task finishes.
     """
-    task = task_type if task_type is not None else app.tasks.get(name)
     if countdown is None and eta is None:
         return None
+    task = task_type if task_type is not None else app.tasks.get(name)
     if not wants_scheduling(app, name, task):
         return None
     when = due_time(app, countdown, eta)
@@ -283,7 +285,10 @@ CLAIM_COLUMNS = (
     "kwargs",
     "packed_args",
     "packed_args_content_type",
+    "argsrepr",
+    "kwargsrepr",
     "options",
+    "eta",
     *COLUMN_OPTIONS,
 )
 
@@ -316,11 +321,15 @@ def expire_due(using: str) -> int:
 def claim(using: str, token: uuid.UUID, batch_size: int) -> list[dict[str, Any]]:
     """Atomically claim up to ``batch_size`` due rows for ``token``; return them, by eta.
 
-    ``SELECT ... FOR UPDATE SKIP LOCKED`` where the database has it; SQLite
-    serialises writers and the UPDATE re-checks that the row is unclaimed.
-    Due is decided by the database clock.
+    PostgreSQL: one ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED)
+    RETURNING`` (its own transaction in autocommit). MySQL/MariaDB: ``SELECT ...
+    FOR UPDATE SKIP LOCKED`` and an UPDATE in one short transaction (no UPDATE ...
+    RETURNING there). SQLite serialises writers and the UPDATE re-checks that the
+    row is unclaimed. Due is decided by the database clock.
     """
     connection = connections[using]
+    if connection.vendor == "postgresql" and not connection.in_atomic_block:
+        return _claim_returning(using, token, batch_size)
     now = db.DatabaseNow()
     with transaction.atomic(using=using):
         due = (
@@ -346,6 +355,50 @@ def claim(using: str, token: uuid.UUID, batch_size: int) -> list[dict[str, Any]]
     )
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=dt_timezone.utc)
+
+
+def _claim_returning(using: str, token: uuid.UUID, batch_size: int) -> list[dict[str, Any]]:
+    """The PostgreSQL claim: one statement, one round trip (see ``claim``)."""
+    from .models import TaskResultMeta
+
+    connection = connections[using]
+    meta = TaskResultMeta._meta
+    fields = [meta.get_field(name) for name in CLAIM_COLUMNS]
+    quote = connection.ops.quote_name
+    table = quote(meta.db_table)
+    returning = ", ".join(quote(field.column) for field in fields)
+    # The inner WHERE matches the partial index fdr_scheduled_eta_idx (status = SCHEDULED).
+    statement = f"""
+        UPDATE {table} SET scheduled_id = %s, date_claimed = STATEMENT_TIMESTAMP()
+        WHERE id IN (
+            SELECT id FROM {table}
+            WHERE status = %s AND scheduled_id IS NULL AND eta <= STATEMENT_TIMESTAMP()
+              AND (expires IS NULL OR expires > STATEMENT_TIMESTAMP())
+            ORDER BY eta
+            LIMIT %s
+            FOR UPDATE SKIP LOCKED
+        ) AND scheduled_id IS NULL
+        RETURNING {returning}
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(statement, [token, SCHEDULED, batch_size])
+        fetched = cursor.fetchall()
+    rows = [
+        {
+            field.name: (
+                field.from_db_value(value, None, connection)
+                if value is not None and hasattr(field, "from_db_value")
+                else value
+            )
+            for field, value in zip(fields, values, strict=True)
+        }
+        for values in fetched
+    ]
+    rows.sort(key=lambda row: row["eta"] or _EPOCH)
+    return rows
+
+
 def send_kwargs(row: dict[str, Any], app: Any) -> tuple[list, dict, dict[str, Any]]:
     """(args, kwargs, send_task keywords) that re-create the scheduled call."""
     if row["packed_args"] is not None:
@@ -359,7 +412,34 @@ def send_kwargs(row: dict[str, Any], app: Any) -> tuple[list, dict, dict[str, An
         if row.get(column) is not None:
             options[column] = row[column]
     options["retries"] = row["retries"]
+    # The caller's reprs (possibly redacted): Celery would otherwise saferepr the
+    # arguments again for every forwarded message.
+    for column in ("argsrepr", "kwargsrepr"):
+        if row.get(column) is not None:
+            options[column] = row[column]
     return args, kwargs, options
+
+
+class _Declarations:
+    """Queues bound once per batch to the producer's channel.
+
+    ``send_task`` would look up and bind (copy) the queue for every message;
+    a bound queue is declared through kombu's cache just the same, and is
+    declared again after a reconnect (the cache is per connection).
+    """
+
+    def __init__(self, app: Any, producer: Any) -> None:
+        self.app, self.producer, self.bound = app, producer, {}
+
+    def declare_for(self, queue: str | None) -> list | None:
+        if not queue:
+            return None  # send_task decides (exchange-only routing)
+        if queue not in self.bound:
+            try:
+                self.bound[queue] = [self.app.amqp.queues[queue].bind(self.producer.channel)]
+            except KeyError:  # unknown queue and task_create_missing_queues off
+                self.bound[queue] = None
+        return self.bound[queue]
 
 
 def _mark(using: str, ids: list[int], token: uuid.UUID, **changes: Any) -> int:
@@ -392,20 +472,28 @@ def _fail(using: str, row: dict[str, Any], token: uuid.UUID, error: BaseExceptio
     )
 
 
-def publish_rows(app: Any, rows: list[dict[str, Any]], using: str, token: uuid.UUID) -> PassResult:
-    """Publish claimed rows on one broker connection; record what happened to each."""
-    outcome = PassResult(claimed=len(rows))
+@dataclass
+class _Published:
+    sent: list[int]
+    unsent: list[int]
+    failed: int
+
+
+def _publish(app: Any, rows: list[dict[str, Any]], using: str, token: uuid.UUID) -> _Published:
+    """Publish claimed rows on one broker connection, in order, until the broker fails."""
     sent: list[int] = []
+    failed = 0
     pending = list(rows)
     try:
         with forwarding(), app.producer_or_acquire() as producer:
+            declarations = _Declarations(app, producer)
             while pending:
                 row = pending[0]
                 try:
                     args, kwargs, options = send_kwargs(row, app)
                 except Exception as exc:  # noqa: BLE001 - a bad row must not stop the rest
                     _fail(using, row, token, exc)
-                    outcome.failed += 1
+                    failed += 1
                     pending.pop(0)
                     continue
                 app.send_task(
@@ -415,20 +503,43 @@ def publish_rows(app: Any, rows: list[dict[str, Any]], using: str, token: uuid.U
                     task_id=row["task_id"],
                     producer=producer,
                     add_to_parent=False,
+                    declare=declarations.declare_for(options.get("queue")),
                     **options,
                 )
                 sent.append(row["id"])
                 pending.pop(0)
     except Exception as exc:  # noqa: BLE001 - broker trouble: give the rest back
         logger.error("scheduler: publishing failed (%r); %d rows released", exc, len(pending))
+    return _Published(sent, [row["id"] for row in pending], failed)
+
+
+def _record(using: str, token: uuid.UUID, published: _Published) -> int:
+    """Mark sent rows SCHEDULED_SENT and release the unsent ones; return how many were released.
+
+    A row the worker already moved on (STARTED, SUCCESS) is left as it is.
+    """
+    try:
+        _mark(using, published.sent, token, status=SCHEDULED_SENT)
     finally:
-        # A row the worker already moved on (STARTED, SUCCESS) is left as it is.
-        _mark(using, sent, token, status=SCHEDULED_SENT)
-        outcome.sent = len(sent)
-        outcome.released = _mark(
-            using, [row["id"] for row in pending], token, scheduled_id=None, date_claimed=None
-        )
-    return outcome
+        released = _mark(using, published.unsent, token, scheduled_id=None, date_claimed=None)
+    return released
+
+
+def _outcome(claimed: int, published: _Published, released: int) -> PassResult:
+    return PassResult(
+        claimed=claimed, sent=len(published.sent), released=released, failed=published.failed
+    )
+
+
+def publish_rows(app: Any, rows: list[dict[str, Any]], using: str, token: uuid.UUID) -> PassResult:
+    """Publish claimed rows on one broker connection; record what happened to each."""
+    published = _Published([], [row["id"] for row in rows], 0)
+    released = 0
+    try:
+        published = _publish(app, rows, using, token)
+    finally:
+        released = _record(using, token, published)
+    return _outcome(len(rows), published, released)
 
 
 def run_pass(app: Any, batch_size: int | None = None, using: str | None = None) -> PassResult:
@@ -443,20 +554,97 @@ def run_pass(app: Any, batch_size: int | None = None, using: str | None = None) 
     return outcome
 
 
+def _add(total: PassResult, outcome: PassResult) -> None:
+    for field in ("claimed", "sent", "released", "expired", "failed"):
+        setattr(total, field, getattr(total, field) + getattr(outcome, field))
+
+
 def forward_due(
     app: Any, batch_size: int | None = None, max_seconds: float | None = None
 ) -> PassResult:
-    """Forward every due row (batch after batch) until none is due or time is up."""
-    total = PassResult()
+    """Forward every due row (batch after batch) until none is due or time is up.
+
+    The database work runs in a second thread, overlapped with publishing: while
+    batch N is published, batch N+1 is claimed and batch N-1 recorded (see
+    docs/design.md, "Pipelining"). Inside a transaction everything stays on the
+    caller's connection, one pass after the other.
+    """
+    using = db.task_db_alias()
+    batch_size = batch_size or int(conf.get("SCHEDULER_BATCH_SIZE"))
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
-    while True:
-        outcome = run_pass(app, batch_size)
-        for field in ("claimed", "sent", "released", "expired", "failed"):
-            setattr(total, field, getattr(total, field) + getattr(outcome, field))
-        if outcome.claimed == 0 or outcome.released:
-            return total
-        if deadline is not None and time.monotonic() > deadline:
-            return total
+    total = PassResult()
+    if connections[using].in_atomic_block:
+        while True:
+            outcome = run_pass(app, batch_size, using)
+            _add(total, outcome)
+            if outcome.claimed == 0 or outcome.released:
+                return total
+            if deadline is not None and time.monotonic() > deadline:
+                return total
+    with _DatabaseThread(using) as database:
+        _forward_pipelined(app, database, using, batch_size, deadline, total)
+    return total
+
+
+def _forward_pipelined(
+    app: Any,
+    database: _DatabaseThread,
+    using: str,
+    batch_size: int,
+    deadline: float | None,
+    total: PassResult,
+) -> None:
+    def claim_batch() -> tuple[int, uuid.UUID, list[dict[str, Any]]]:
+        token = uuid.uuid4()
+        expired = expire_due(using)
+        return expired, token, claim(using, token, batch_size)
+
+    next_claim: Future | None = database.submit(claim_batch)
+    records: list[tuple[Future, int, _Published]] = []
+    try:
+        while next_claim is not None:
+            expired, token, rows = next_claim.result()
+            next_claim = None
+            total.expired += expired
+            if not rows:
+                break
+            if deadline is None or time.monotonic() <= deadline:
+                next_claim = database.submit(claim_batch)  # overlaps the publishing below
+            published = _publish(app, rows, using, token)
+            recorded = database.submit(_record, using, token, published)
+            records.append((recorded, len(rows), published))
+            if published.unsent:  # the broker failed: stop, and give back what we claimed ahead
+                break
+    finally:
+        if next_claim is not None:
+            # Claimed ahead but not tried: give it back at once.
+            expired, token, rows = next_claim.result()
+            total.expired += expired
+            total.claimed += len(rows)
+            total.released += _mark(
+                using, [row["id"] for row in rows], token, scheduled_id=None, date_claimed=None
+            )
+        for future, claimed, published in records:
+            _add(total, _outcome(claimed, published, future.result()))
+
+
+class _DatabaseThread:
+    """One thread, with its own database connection, that runs the sender's SQL in order."""
+
+    def __init__(self, using: str) -> None:
+        self.using = using
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fulldb-scheduler")
+
+    def submit(self, fn: Any, *args: Any) -> Future:
+        return self.executor.submit(fn, *args)
+
+    def __enter__(self) -> _DatabaseThread:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        # The thread's connection is its own: close it there, then stop the thread.
+        self.executor.submit(db.close_quietly, self.using).result()
+        self.executor.shutdown(wait=True)
 
 
 def seconds_until_next(using: str | None = None, cap: float = 1.0) -> float:

@@ -247,24 +247,47 @@ def test_broker_down_releases_claims_and_nothing_is_lost(patched, celery_app):
     assert sorted(drain(celery_app, HELD)) == sorted(ids)
 
 
-def test_broker_failing_in_the_middle_of_a_batch(patched, celery_app, monkeypatch):
-    ids = [tasks.add.apply_async((i, i), countdown=0.2, queue=HELD).id for i in range(6)]
-    time.sleep(0.3)
+def broker_fails_after(celery_app, monkeypatch, sends: int) -> None:
+    """Make ``send_task`` raise a connection error after ``sends`` successful calls."""
     original = celery_app.__class__.send_task
     calls = []
 
     def flaky_send(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) > 2:
+        if len(calls) > sends:
             raise ConnectionResetError("broker went away")
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(celery_app.__class__, "send_task", flaky_send)
+
+
+def test_broker_failing_in_the_middle_of_a_batch(patched, celery_app, monkeypatch):
+    ids = [tasks.add.apply_async((i, i), countdown=0.2, queue=HELD).id for i in range(6)]
+    time.sleep(0.3)
+    broker_fails_after(celery_app, monkeypatch, 2)
     outcome = scheduling.forward_due(celery_app)
     monkeypatch.undo()
     scheduling.unpatch_send_task()
     assert (outcome.sent, outcome.released) == (2, 4)
     assert scheduling.forward_due(celery_app).sent == 4
+    received = drain(celery_app, HELD)
+    assert sorted(received) == sorted(ids) and len(received) == len(set(received))
+
+
+def test_broker_failing_while_the_next_batch_is_claimed_ahead(patched, celery_app, monkeypatch):
+    """forward_due claims batch N+1 while it publishes batch N: when the broker fails,
+    the batch claimed ahead goes back too, and nothing stays claimed."""
+    ids = [tasks.add.apply_async((i, i), countdown=0.2, queue=HELD).id for i in range(7)]
+    time.sleep(0.3)
+    broker_fails_after(celery_app, monkeypatch, 2)
+    outcome = scheduling.forward_due(celery_app, batch_size=2)
+    monkeypatch.undo()
+    scheduling.unpatch_send_task()
+    # Batch 1 sent; batch 2 failed on its first row; batch 3 was claimed ahead.
+    assert (outcome.claimed, outcome.sent, outcome.released) == (6, 2, 4)
+    rows = TaskResultMeta.objects.filter(task_id__in=ids)
+    assert rows.filter(status=SCHEDULED, scheduled_id=None).count() == 5  # none held
+    assert scheduling.forward_due(celery_app, batch_size=2).sent == 5
     received = drain(celery_app, HELD)
     assert sorted(received) == sorted(ids) and len(received) == len(set(received))
 
