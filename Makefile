@@ -33,9 +33,10 @@ test-services: venv
 test-matrix:
 	bash scripts/matrix.sh
 
+## Every benchmark, side by side with the peers; writes BENCHMARKS.md (about 10 min).
 bench: venv
 	bash scripts/services.sh
-	$(PY) bench/run.py
+	FULLDB_BENCH_COMMAND="make bench" $(PY) bench/run.py
 
 lint: venv
 	$(VENV)/bin/ruff check .
