@@ -751,7 +751,9 @@ def measure_forwarding(app, count: int, rounds: int, batch: int) -> dict:
 
     template = template_row()
     due_eta = "now() - interval '1 hour' + s.g * interval '1 millisecond'"
-    forward_runs, plain_runs = [], []
+    from django.test import override_settings
+
+    forward_runs, unconfirmed_runs, plain_runs = [], [], []
     purge_until_empty(app)
     delete_bench_rows()
     if queue_state(app)[1]:
@@ -773,6 +775,20 @@ def measure_forwarding(app, count: int, rounds: int, batch: int) -> dict:
                 rows_sent=count_rows("status = 'SCHEDULED_SENT'"),
             )
             forward_runs.append(run)
+            purge_until_empty(app)
+            delete_bench_rows()
+            # The same without publisher confirms (what plain apply_async does).
+            fill_scheduled(template, count, "gen_random_uuid()::text", due_eta)
+            sql(f"ANALYZE {_common.TASK_TABLE}", fetch=False)
+            with (
+                scheduler_on(),
+                override_settings(DJANGO_CELERY_FULLDBRESULT_SCHEDULER_CONFIRM_PUBLISH=False),
+            ):
+                run = timed_publish(
+                    app, lambda: scheduling.forward_due(app, batch_size=batch), count
+                )
+            run.pop("value")
+            unconfirmed_runs.append(run)
             purge_until_empty(app)
             delete_bench_rows()
 
@@ -813,6 +829,9 @@ def measure_forwarding(app, count: int, rounds: int, batch: int) -> dict:
         "forward_loop_per_s": _common.median(r["loop_per_s"] for r in forward_runs),
         "plain_loop_per_s": _common.median(r["loop_per_s"] for r in plain_runs),
         "forward_runs": forward_runs,
+        "unconfirmed_per_s": _common.median(r["per_s"] for r in unconfirmed_runs),
+        "unconfirmed_loop_per_s": _common.median(r["loop_per_s"] for r in unconfirmed_runs),
+        "unconfirmed_runs": unconfirmed_runs,
         "plain_runs": plain_runs,
         "statements_two_batches": len(captured.captured_queries),
         "statement_kinds": dict(kinds),
@@ -851,6 +870,14 @@ def forwarding_section(result: dict, rounds: int) -> dict:
                 f"**{ratio:.2f}x**",
             ],
             [
+                "the same, `SCHEDULER_CONFIRM_PUBLISH = False`",
+                result["unconfirmed_per_s"],
+                ", ".join(f"{r['per_s']:,.0f}" for r in result["unconfirmed_runs"]),
+                result["unconfirmed_loop_per_s"],
+                ", ".join(f"{r['in_queue']:,}" for r in result["unconfirmed_runs"]),
+                f"{result['unconfirmed_per_s'] / result['plain_per_s']:.2f}x",
+            ],
+            [
                 "plain `add.apply_async((i, i), producer=producer)`",
                 result["plain_per_s"],
                 p_runs,
@@ -866,8 +893,10 @@ def forwarding_section(result: dict, rounds: int) -> dict:
             "the row a real `add.apply_async((0, 0), countdown=3600)` stores; every forwarded "
             f"row ended SCHEDULED_SENT: {'yes' if result['all_sent'] else 'NO'}",
             "tasks/s: from the first call until RabbitMQ holds all of them (passive "
-            "queue_declare every 5 ms; publishes are unconfirmed, so the loop ends before the "
-            "last ones arrive); loop only: until `forward_due`/the loop returns",
+            "queue_declare every 5 ms; apply_async's publishes are unconfirmed, so its loop "
+            "ends before the last ones arrive); loop only: until `forward_due`/the loop "
+            "returns; forward_due waits for RabbitMQ's publisher confirms every 100 messages "
+            "by default (plain apply_async does not: the second row shows that cost)",
             "both publish to `bench_sched`, which nothing consumes (checked: 0 consumers); "
             "purged after each run; publish tracking off for apply_async (forwarding never "
             "tracks)",

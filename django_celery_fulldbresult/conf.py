@@ -45,6 +45,12 @@ DEFAULTS: dict[str, Any] = {
     "SCHEDULER_BATCH_SIZE": 500,
     # Longest sleep of run_scheduler between two polls, in seconds.
     "SCHEDULER_INTERVAL": 1.0,
+    # AMQP publisher confirms for forwarded tasks: a row becomes SCHEDULED_SENT only once the
+    # broker has the message. Confirms are awaited every SCHEDULER_CONFIRM_WINDOW messages.
+    "SCHEDULER_CONFIRM_PUBLISH": True,
+    "SCHEDULER_CONFIRM_WINDOW": 100,
+    # Seconds to wait for the broker's confirms before leaving the rows claimed (reported).
+    "SCHEDULER_CONFIRM_TIMEOUT": 30.0,
     # Admin (issue 4).
     "OVERRIDE_BEAT_ADMIN": False,
 }

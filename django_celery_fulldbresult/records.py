@@ -92,6 +92,14 @@ def _default_reprs(value: Any, app: Any) -> set[str]:
     return {saferepr(form, maxsize, maxlevels=maxlevels) for form in forms}
 
 
+def message_repr(value: Any, app: Any) -> str:
+    """The repr Celery puts in a message for ``value`` (args or kwargs) when none is given."""
+    from celery.utils.saferepr import saferepr
+
+    maxsize = getattr(app.amqp, "argsrepr_maxsize", 1024)
+    return saferepr(value, maxsize, maxlevels=app.conf.get("task_repr_maxlevels", 3))
+
+
 def redacted_repr(given: Any, value: Any, app: Any) -> str:
     """What to show for the arguments of a secret task.
 

@@ -30,8 +30,12 @@ HELD = queue_name("held")  # no worker consumes it: what the sender publishes st
 
 
 @pytest.fixture
-def scheduling_on(settings):
+def scheduling_on(settings, celery_app):
     settings.DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA = True
+    with celery_app.connection_for_write() as conn:  # what an earlier failed run left there
+        simple = conn.SimpleQueue(HELD)
+        simple.clear()
+        simple.close()
     yield settings
 
 
@@ -106,10 +110,7 @@ def test_an_eta_already_due_is_sent_at_once(patched, celery_app):
 
 def test_forwarding_keeps_the_id_and_every_option(patched, celery_app):
     expires = timezone.now() + datetime.timedelta(hours=2)
-    result = tasks.add.apply_async(
-        (1, 2),
-        countdown=0.5,
-        queue=HELD,
+    call = dict(
         priority=5,
         expires=expires,
         headers={"tenant": "acme"},
@@ -119,17 +120,37 @@ def test_forwarding_keeps_the_id_and_every_option(patched, celery_app):
         soft_time_limit=20,
         shadow="shadowed-name",
     )
+    result = tasks.add.apply_async((1, 2), countdown=0.5, queue=HELD, **call)
     time.sleep(0.6)
     captured = []
     with celery_app.connection_for_read() as conn:
         forward(celery_app)
+        # The same call sent by Celery itself, to compare the two messages field by field.
+        with scheduling.forwarding():
+            plain = tasks.add.apply_async((1, 2), **{**call, "queue": HELD})
         simple = conn.SimpleQueue(HELD)
-        message = simple.get(timeout=5)
-        captured.append(message)
-        message.ack()
+        for _ in range(2):
+            message = simple.get(timeout=5)
+            captured.append(message)
+            message.ack()
         simple.close()
-    headers = captured[0].headers
-    args, kwargs, embed = captured[0].decode()
+    forwarded, reference = sorted(captured, key=lambda m: m.headers["id"] != result.id)
+    assert reference.headers["id"] == plain.id
+    differ = {"id", "root_id", "origin"}  # the reference is another task, from this process
+    assert {k: v for k, v in forwarded.headers.items() if k not in differ} == {
+        k: v for k, v in reference.headers.items() if k not in differ
+    }
+    assert forwarded.decode() == reference.decode()
+    same_properties = ("priority", "delivery_mode", "reply_to", "content_type")
+    assert [forwarded.properties.get(k) for k in same_properties] == [
+        reference.properties.get(k) for k in same_properties
+    ]
+    assert forwarded.delivery_info["routing_key"] == reference.delivery_info["routing_key"]
+    assert float(forwarded.properties["expiration"]) == pytest.approx(
+        float(reference.properties["expiration"]), abs=5000
+    )
+    headers = forwarded.headers
+    args, kwargs, embed = forwarded.decode()
     assert headers["id"] == result.id and headers["task"] == "testproject.demo.tasks.add"
     assert (args, kwargs) == ([1, 2], {})
     assert headers["eta"] is None  # sent for now
@@ -137,7 +158,7 @@ def test_forwarding_keeps_the_id_and_every_option(patched, celery_app):
     assert headers["timelimit"] == [30, 20]
     assert datetime.datetime.fromisoformat(headers["expires"]) == expires
     assert headers["root_id"] == result.id
-    assert captured[0].properties["priority"] == 5
+    assert forwarded.properties["priority"] == 5
     assert embed["callbacks"][0]["task"] == "testproject.demo.tasks.noop"
     assert embed["errbacks"][0]["task"] == "testproject.demo.tasks.noop"
 
@@ -248,17 +269,19 @@ def test_broker_down_releases_claims_and_nothing_is_lost(patched, celery_app):
 
 
 def broker_fails_after(celery_app, monkeypatch, sends: int) -> None:
-    """Make ``send_task`` raise a connection error after ``sends`` successful calls."""
-    original = celery_app.__class__.send_task
+    """Make every producer's ``publish`` raise a connection error after ``sends`` messages."""
+    from kombu import Producer
+
+    original = Producer.publish
     calls = []
 
-    def flaky_send(self, *args, **kwargs):
+    def flaky_publish(self, *args, **kwargs):
         calls.append(1)
         if len(calls) > sends:
             raise ConnectionResetError("broker went away")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(celery_app.__class__, "send_task", flaky_send)
+    monkeypatch.setattr(Producer, "publish", flaky_publish)
 
 
 def test_broker_failing_in_the_middle_of_a_batch(patched, celery_app, monkeypatch):
@@ -290,6 +313,34 @@ def test_broker_failing_while_the_next_batch_is_claimed_ahead(patched, celery_ap
     assert scheduling.forward_due(celery_app, batch_size=2).sent == 5
     received = drain(celery_app, HELD)
     assert sorted(received) == sorted(ids) and len(received) == len(set(received))
+
+
+@pytest.mark.skipif(STACK != "pg-rabbit", reason="publisher confirms are an AMQP feature")
+def test_a_task_the_broker_refuses_is_not_marked_sent(patched, celery_app):
+    """RabbitMQ nacks publishes to a full queue with overflow=reject-publish: those rows go
+    back to SCHEDULED instead of claiming SCHEDULED_SENT."""
+    from kombu import Queue
+
+    name = queue_name("full")
+    queue = Queue(name, queue_arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+    celery_app.amqp.queues.select_add(queue)
+    try:
+        with celery_app.connection_for_write() as conn:
+            queue.bind(conn.default_channel).declare()
+            queue.bind(conn.default_channel).purge()
+        ids = [tasks.add.apply_async((i, i), countdown=0.2, queue=name).id for i in range(3)]
+        time.sleep(0.3)
+        outcome = scheduling.forward_due(celery_app)
+        assert (outcome.sent, outcome.released) == (1, 2)
+        rows = TaskResultMeta.objects.filter(task_id__in=ids)
+        assert rows.filter(status=SCHEDULED_SENT).count() == 1
+        assert rows.filter(status=SCHEDULED, scheduled_id=None).count() == 2
+        with celery_app.connection_for_write() as conn:
+            declared = queue.bind(conn.default_channel).queue_declare(passive=True)
+        assert declared.message_count == 1
+    finally:
+        with celery_app.connection_for_write() as conn:
+            queue.bind(conn.default_channel).delete()
 
 
 def test_stale_scheduled_tasks_command_and_resend(patched, celery_app):
