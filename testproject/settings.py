@@ -117,7 +117,10 @@ def _broker() -> tuple[str, dict]:
     folder = Path(os.environ.get("FULLDB_BROKER_DIR", VAR_DIR / "broker"))
     for sub in ("queue", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    return "filesystem://", {
+    from testproject import fsbroker  # kombu's filesystem broker, with atomic writes
+
+    fsbroker.register()
+    return f"{fsbroker.SCHEME}://", {
         "data_folder_in": str(folder / "queue"),
         "data_folder_out": str(folder / "queue"),
         "control_folder": str(folder / "control"),
