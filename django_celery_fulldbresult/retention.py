@@ -16,6 +16,7 @@ from datetime import datetime
 from django.db import connections
 from django.db.models import Count, Q, QuerySet
 
+from . import db
 from .managers import delete_where_in_batches
 from .states import ALL_STATES, FINAL_STATES
 
@@ -81,10 +82,7 @@ def delete(
     progress: Callable[[int], None] | None = None,
 ) -> int:
     """Delete what ``rule`` matches, ``batch_size`` rows per raw statement (no signals)."""
-    connection = connections[queryset.db]
-    query = queryset.filter(rule).query
-    compiler = query.get_compiler(using=queryset.db)
-    where, params = compiler.compile(query.where)
+    where, params = db.compiled_where(queryset.filter(rule))
     return delete_where_in_batches(
-        queryset.model, connection, where, list(params), batch_size, progress
+        queryset.model, connections[queryset.db], where, params, batch_size, progress
     )

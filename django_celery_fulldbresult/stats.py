@@ -2,12 +2,12 @@
 
 ``TaskResultMeta.objects.stats(window)`` returns a plain, JSON-serialisable dict
 (shape in ``docs/design.md``, "Statistics"). It runs a fixed number of statements
-whatever the table size and the number of task names: five, six on PostgreSQL.
+whatever the table size and the number of task names: five.
 
 * counts: one ``GROUP BY status, task`` over the rows whose last state change is in
   the window (final rows by ``date_done``, others by ``date_modified``: both indexed);
 * run times (``date_done - date_started`` of SUCCESS and FAILURE rows done in the
-  window): ``percentile_cont`` in SQL on PostgreSQL (per task, then overall), else
+  window): ``percentile_cont`` in SQL on PostgreSQL (per task and overall), else
   the ``RUNTIME_SAMPLE`` most recent runs read in one query and interpolated the same
   way in Python;
 * stale counts: ``get_stale_tasks(...).count()`` and ``get_stale_scheduled_tasks(...)
@@ -26,8 +26,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from django.db import connections
 from django.db.models import (
-    Aggregate,
     Count,
     DurationField,
     ExpressionWrapper,
@@ -40,6 +40,7 @@ from django.db.models import (
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
+from . import db
 from .db import DatabaseNow
 from .states import FAILURE, FINAL_STATES, SCHEDULED, SUCCESS
 
@@ -56,16 +57,6 @@ _FINALS = sorted(FINAL_STATES)  # same order as the partial index condition
 _RUN_STATES = (SUCCESS, FAILURE)
 
 
-class PercentileCont(Aggregate):
-    """PostgreSQL's ``percentile_cont(fraction) WITHIN GROUP (ORDER BY expr)``."""
-
-    function = "percentile_cont"
-    template = "%(function)s(%(fraction)s) WITHIN GROUP (ORDER BY %(expressions)s)"
-
-    def __init__(self, expression: Any, fraction: float, **extra: Any) -> None:
-        super().__init__(expression, fraction=float(fraction), **extra)
-
-
 def _key(fraction: float) -> str:
     return f"p{fraction * 100:g}"
 
@@ -76,10 +67,6 @@ def _seconds(value: dt.timedelta | None) -> float | None:
 
 def _iso(value: dt.datetime | None) -> str | None:
     return None if value is None else value.isoformat()
-
-
-def _duration() -> ExpressionWrapper:
-    return ExpressionWrapper(F("date_done") - F("date_started"), output_field=DurationField())
 
 
 def in_window(since: dt.datetime) -> Q:
@@ -126,15 +113,36 @@ def _runs(queryset: QuerySet, since: dt.datetime) -> QuerySet:
 
 
 def _runtime_sql(queryset: QuerySet, since: dt.datetime) -> tuple[dict, dict]:
-    """PostgreSQL: exact percentiles in SQL, per task then overall (two statements)."""
-    aggregates = {_key(f): PercentileCont(_duration(), f) for f in PERCENTILES}
+    """PostgreSQL: exact percentiles in SQL, per task and overall in one statement.
+
+    ``GROUP BY ROLLUP(task)`` gives each task's row and the overall row from one scan;
+    the array form of ``percentile_cont`` sorts each group's run times once.
+    """
     runs = _runs(queryset, since)
+    connection = connections[runs.db]
+    where, params = db.compiled_where(runs)
+    quote = connection.ops.quote_name
+    task, done, started = quote("task"), quote("date_done"), quote("date_started")
+    fractions = ", ".join(repr(float(f)) for f in PERCENTILES)
+    sql = (
+        f"SELECT {task}, GROUPING({task}), COUNT(*), percentile_cont(ARRAY[{fractions}])"
+        f" WITHIN GROUP (ORDER BY {done} - {started})"
+        f" FROM {quote(runs.model._meta.db_table)} WHERE {where} GROUP BY ROLLUP({task})"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    overall: dict[str, Any] = {"runs": 0, **{_key(f): None for f in PERCENTILES}}
     per_task = {}
-    for row in runs.values("task").annotate(runs=Count("pk"), **aggregates):
-        task = row.pop("task")
-        per_task[task] = {k: _seconds(v) if k != "runs" else v for k, v in row.items()}
-    overall = runs.aggregate(runs=Count("pk"), **aggregates)
-    overall = {k: _seconds(v) if k != "runs" else v for k, v in overall.items()}
+    for name, is_total, count, values in rows:
+        figures = {"runs": count}
+        figures.update(
+            {_key(f): _seconds(v) for f, v in zip(PERCENTILES, values or (), strict=False)}
+        )
+        if is_total:
+            overall = {**overall, **figures}
+        else:
+            per_task[name] = figures
     return {"method": "percentile_cont", "exact": True, **overall}, per_task
 
 

@@ -31,9 +31,8 @@ NOBODY = queue_name("nobody-stats")  # no worker consumes it: its task stays PEN
 ADD, FAIL, FLAKY = (f"testproject.demo.tasks.{n}" for n in ("add", "fail", "flaky"))
 SCHEDULED_ADD = "testproject.demo.tasks.scheduled_add"
 HOSTILE = 'evil.<script>alert("x")</script>\\ "quoted"\nnext-line'
-#: stats() statements: counts, run times (2 on PostgreSQL: per task and overall), stale
-#: tasks, stale claims, scheduled backlog.
-STATS_STATEMENTS = 6 if STACK == "pg-rabbit" else 5
+#: stats() statements: counts, run times, stale tasks, stale claims, scheduled backlog.
+STATS_STATEMENTS = 5
 
 
 def row(task_id: str) -> TaskResultMeta:
