@@ -9,7 +9,7 @@ taskresultmeta_dashboard``); needs the view permission on task results.
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth.views import redirect_to_login
@@ -117,6 +117,10 @@ def chart(buckets: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _parse(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
 def _window_hours(request: HttpRequest) -> int:
     try:
         hours = int(request.GET.get("hours", CHART_HOURS))
@@ -169,6 +173,9 @@ def dashboard_view(request: HttpRequest, model_admin: Any) -> HttpResponse:
             f"admin:{opts.app_label}_{opts.model_name}_changelist", current_app=site.name
         ),
         "hours": hours,
+        "window_start": now - timedelta(hours=hours),
+        "now": now,
+        "oldest_due_eta": _parse(scheduled["oldest_due_eta"]),
         "stats": figures,
         "failure_rate": percent_text(figures["failure_rate"]),
         "runtime": {
