@@ -1,7 +1,7 @@
 """Run every benchmark and write the summary to bench/results/latest.md (and, for a full
 run, to BENCHMARKS.md at the top of the repository: ``make bench``).
 
-    python bench/run.py            # stores.py, e2e.py, stale_plan.py, scheduler.py (about 7.5 min)
+    python bench/run.py            # stores, e2e, stale_plan, scheduler, stats_bench (about 9 min)
     python bench/run.py --quick    # smaller counts, a smoke test (about 2 min)
     python bench/run.py --only stores,e2e
 
@@ -41,9 +41,10 @@ BENCHMARKS = {
     "e2e": ("e2e.py", [], 420, ["--tasks", "300", "--rounds", "1"]),
     "stale": ("stale_plan.py", [], 300, ["--repeat", "3"]),
     "scheduler": ("scheduler.py", [], 600, ["--quick"]),
+    "stats": ("stats_bench.py", [], 300, ["--repeat", "3"]),
 }
 #: Benchmarks that keep 1M rows across runs; --refill rebuilds them.
-REFILLABLE = ("stale", "scheduler")
+REFILLABLE = ("stale", "scheduler", "stats")
 
 
 def reachable(port: int) -> bool:
@@ -212,6 +213,18 @@ def headline(results: dict[str, dict]) -> str:
     scheduler = results.get("scheduler")
     if scheduler and not scheduler.get("failed"):
         rows.extend(scheduler_rows(scheduler))
+    stats = results.get("stats")
+    if stats and not stats.get("failed"):
+        case = stats["cases"][0]
+        rows.append(
+            [
+                f"stats(24 h) ms / stats(1 h) ms / dashboard ms, {stats['fill']['rows']:,} rows",
+                f"{case['day']['wall_ms']:.0f} / {case['hour']['wall_ms']:.0f} / "
+                f"{case['dashboard']['ms']:.0f}",
+                "",
+                "",
+            ]
+        )
     failed = [name for name, r in results.items() if r.get("failed")]
     text = (
         "Baseline: django-celery-results for the result backend rows; Celery without the "
@@ -346,7 +359,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small counts (smoke test)")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset")
     parser.add_argument(
-        "--refill", action="store_true", help="stale_plan, scheduler: refill the 1M rows"
+        "--refill", action="store_true", help="stale_plan, scheduler, stats: refill the 1M rows"
     )
     args = parser.parse_args()
     os.environ.pop("FULLDB_BENCH_REEXEC", None)

@@ -72,6 +72,14 @@ def upsert(model, using: str, objs: list, unique_fields: list[str], update_field
     )
 
 
+def compiled_where(queryset) -> tuple[str, list]:
+    """The WHERE clause of ``queryset`` as SQL and parameters, for a raw statement that
+    must select exactly the rows the queryset selects (columns are table-qualified)."""
+    query = queryset.query
+    sql, params = query.get_compiler(using=queryset.db).compile(query.where)
+    return sql, list(params)
+
+
 def close_quietly(using: str) -> None:
     """Close a connection, ignoring errors from a connection that is already broken."""
     conn = connections[using]

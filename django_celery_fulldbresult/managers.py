@@ -9,7 +9,7 @@ concurrent writers never need a read first and never lose a final state.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -110,6 +110,15 @@ class TaskResultQuerySet(models.QuerySet):
         """
         cutoff = (now or timezone.now()) - (max_duration or timedelta(0))
         return self.filter(status=SCHEDULED, scheduled_id__isnull=False, date_claimed__lte=cutoff)
+
+    def stats(self, window: timedelta = timedelta(hours=24), **options: Any) -> dict[str, Any]:
+        """Counts, failure rate, run times, stale rows and scheduled backlog over ``window``.
+
+        A JSON-serialisable dict; see ``django_celery_fulldbresult.stats.collect``.
+        """
+        from . import stats
+
+        return stats.collect(self.all(), window, **options)
 
 
 class TaskResultManager(models.Manager.from_queryset(TaskResultQuerySet)):
@@ -404,8 +413,6 @@ def _delete_in_batches(
     batch_size: int,
     datetime_field: str,
 ) -> int:
-    table = _quote(connection, model._meta.db_table)
-    pk = _quote(connection, model._meta.pk.column)
     where = where_template.format(
         date_done=_quote(connection, "date_done"), status=_quote(connection, "status")
     )
@@ -414,6 +421,21 @@ def _delete_in_batches(
         field.get_db_prep_value(p, connection) if isinstance(p, datetime) else p
         for p in where_params
     ]
+    return delete_where_in_batches(model, connection, where, params, batch_size)
+
+
+def delete_where_in_batches(
+    model,
+    connection,
+    where: str,
+    params: list[Any],
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Delete the rows matching the SQL ``where`` (prepared ``params``), ``batch_size`` per
+    statement, until a statement deletes fewer; ``progress(total so far)`` after each one."""
+    table = _quote(connection, model._meta.db_table)
+    pk = _quote(connection, model._meta.pk.column)
     if connection.vendor == "mysql":
         sql = f"DELETE FROM {table} WHERE {where} LIMIT %s"
     else:
@@ -424,5 +446,7 @@ def _delete_in_batches(
             cursor.execute(sql, [*params, int(batch_size)])
             deleted = cursor.rowcount
         total += max(deleted, 0)
+        if progress is not None:
+            progress(total)
         if deleted < batch_size:
             return total

@@ -1,4 +1,4 @@
-"""The time-delta options shared by the stale-task commands (0.5.x names)."""
+"""The time-delta options shared by the commands (0.5.x names of the stale-task commands)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ from typing import Any
 DELTA_UNITS = ("weeks", "days", "hours", "minutes", "seconds", "microseconds")
 
 
-def add_delta_arguments(parser: Any, what: str) -> None:
+def add_delta_arguments(
+    parser: Any, what: str, template: str = "Report {what} older than this many {unit}"
+) -> None:
     for unit in DELTA_UNITS:
         parser.add_argument(
             f"--{unit}",
             type=float,
             default=0,
-            help=f"Report {what} older than this many {unit} (added to the other units).",
+            help=template.format(what=what, unit=unit) + " (added to the other units).",
         )
 
 

@@ -1,0 +1,278 @@
+"""Figures an operator can use: counts, failure rate, run times, stale rows, scheduled backlog.
+
+``TaskResultMeta.objects.stats(window)`` returns a plain, JSON-serialisable dict
+(shape in ``docs/design.md``, "Statistics"). It runs a fixed number of statements
+whatever the table size and the number of task names: five.
+
+* counts: one ``GROUP BY status, task`` over the rows whose last state change is in
+  the window (final rows by ``date_done``, others by ``date_modified``: both indexed);
+* run times (``date_done - date_started`` of SUCCESS and FAILURE rows done in the
+  window): ``percentile_cont`` in SQL on PostgreSQL (per task and overall), else
+  the ``RUNTIME_SAMPLE`` most recent runs read in one query and interpolated the same
+  way in Python;
+* stale counts: ``get_stale_tasks(...).count()`` and ``get_stale_scheduled_tasks(...)
+  .count()``;
+* scheduled backlog: one conditional aggregate over SCHEDULED rows, lateness on the
+  database clock.
+
+``hourly(...)`` is the dashboard's chart: completions and failures per hour, one
+``GROUP BY`` on ``TruncHour(date_done)`` (UTC buckets, portable).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from django.db import connections
+from django.db.models import (
+    Count,
+    DurationField,
+    ExpressionWrapper,
+    F,
+    Max,
+    Min,
+    Q,
+    QuerySet,
+)
+from django.db.models.functions import TruncHour
+from django.utils import timezone
+
+from . import db
+from .db import DatabaseNow
+from .states import FAILURE, FINAL_STATES, SCHEDULED, SUCCESS
+
+#: Run-time percentiles reported, as fractions (keys "p50", "p90", "p99").
+PERCENTILES = (0.5, 0.9, 0.99)
+#: Runs read into Python where the database has no percentile function (MySQL, SQLite).
+RUNTIME_SAMPLE = 10_000
+#: Defaults of ``stats()``.
+DEFAULT_WINDOW = dt.timedelta(hours=24)
+DEFAULT_STALE_AFTER = dt.timedelta(hours=1)
+DEFAULT_CLAIM_STALE_AFTER = dt.timedelta(minutes=5)
+
+_FINALS = sorted(FINAL_STATES)  # same order as the partial index condition
+_RUN_STATES = (SUCCESS, FAILURE)
+
+
+def _key(fraction: float) -> str:
+    return f"p{fraction * 100:g}"
+
+
+def _seconds(value: dt.timedelta | None) -> float | None:
+    return None if value is None else round(value.total_seconds(), 6)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def in_window(since: dt.datetime) -> Q:
+    """Rows whose last state change is at or after ``since`` (each branch has an index)."""
+    finished = Q(status__in=_FINALS, date_done__gte=since)
+    unfinished = ~Q(status__in=_FINALS) & Q(date_modified__gte=since)
+    return finished | unfinished
+
+
+def interpolate(sorted_values: Sequence[float], fraction: float) -> float | None:
+    """Linear interpolation between closest ranks: what ``percentile_cont`` computes."""
+    if not sorted_values:
+        return None
+    position = fraction * (len(sorted_values) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    value = sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+    return round(value, 6)
+
+
+def failure_rate(states: dict[str, int]) -> float | None:
+    """FAILURE / (SUCCESS + FAILURE); None when nothing finished either way."""
+    done = states.get(SUCCESS, 0) + states.get(FAILURE, 0)
+    return round(states.get(FAILURE, 0) / done, 6) if done else None
+
+
+def _counts(queryset: QuerySet, since: dt.datetime) -> dict[str, dict[str, int]]:
+    rows = (
+        queryset.filter(in_window(since))
+        .order_by()
+        .values_list("task", "status")
+        .annotate(n=Count("pk"))
+    )
+    per_task: dict[str, dict[str, int]] = {}
+    for task, status, n in rows:
+        per_task.setdefault(task, {})[status] = n
+    return per_task
+
+
+def _runs(queryset: QuerySet, since: dt.datetime) -> QuerySet:
+    return queryset.filter(
+        status__in=_RUN_STATES, date_done__gte=since, date_started__isnull=False
+    ).order_by()
+
+
+def _runtime_sql(queryset: QuerySet, since: dt.datetime) -> tuple[dict, dict]:
+    """PostgreSQL: exact percentiles in SQL, per task and overall in one statement.
+
+    ``GROUP BY ROLLUP(task)`` gives each task's row and the overall row from one scan;
+    the array form of ``percentile_cont`` sorts each group's run times once.
+    """
+    runs = _runs(queryset, since)
+    connection = connections[runs.db]
+    where, params = db.compiled_where(runs)
+    quote = connection.ops.quote_name
+    task, done, started = quote("task"), quote("date_done"), quote("date_started")
+    fractions = ", ".join(repr(float(f)) for f in PERCENTILES)
+    sql = (
+        f"SELECT {task}, GROUPING({task}), COUNT(*), percentile_cont(ARRAY[{fractions}])"
+        f" WITHIN GROUP (ORDER BY {done} - {started})"
+        f" FROM {quote(runs.model._meta.db_table)} WHERE {where} GROUP BY ROLLUP({task})"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    overall: dict[str, Any] = {"runs": 0, **{_key(f): None for f in PERCENTILES}}
+    per_task = {}
+    for name, is_total, count, values in rows:
+        figures = {"runs": count}
+        figures.update(
+            {_key(f): _seconds(v) for f, v in zip(PERCENTILES, values or (), strict=False)}
+        )
+        if is_total:
+            overall = {**overall, **figures}
+        else:
+            per_task[name] = figures
+    return {"method": "percentile_cont", "exact": True, **overall}, per_task
+
+
+def _summary(durations: list[float]) -> dict[str, Any]:
+    durations.sort()
+    return {"runs": len(durations), **{_key(f): interpolate(durations, f) for f in PERCENTILES}}
+
+
+def _runtime_sample(queryset: QuerySet, since: dt.datetime) -> tuple[dict, dict]:
+    """Other databases: the most recent RUNTIME_SAMPLE runs (one indexed query)."""
+    rows = list(
+        _runs(queryset, since)
+        .order_by("-date_done")
+        .values_list("task", "date_started", "date_done")[:RUNTIME_SAMPLE]
+    )
+    by_task: dict[str, list[float]] = {}
+    everything: list[float] = []
+    for task, started, done in rows:
+        seconds = (done - started).total_seconds()
+        by_task.setdefault(task, []).append(seconds)
+        everything.append(seconds)
+    overall = {"method": "sample", "exact": len(rows) < RUNTIME_SAMPLE, **_summary(everything)}
+    return overall, {task: _summary(values) for task, values in by_task.items()}
+
+
+def _scheduled(queryset: QuerySet) -> dict[str, Any]:
+    due = Q(eta__lte=DatabaseNow())
+    lateness = ExpressionWrapper(DatabaseNow() - F("eta"), output_field=DurationField())
+    figures = queryset.filter(status=SCHEDULED).aggregate(
+        backlog=Count("pk"),
+        due=Count("pk", filter=due),
+        oldest_due_eta=Min("eta", filter=due),
+        lateness=Max(lateness, filter=due),
+    )
+    return {
+        "backlog": figures["backlog"],
+        "due": figures["due"],
+        "oldest_due_eta": _iso(figures["oldest_due_eta"]),
+        "lateness_seconds": _seconds(figures["lateness"]),
+    }
+
+
+def collect(
+    queryset: QuerySet,
+    window: dt.timedelta = DEFAULT_WINDOW,
+    *,
+    stale_after: dt.timedelta = DEFAULT_STALE_AFTER,
+    claim_stale_after: dt.timedelta = DEFAULT_CLAIM_STALE_AFTER,
+    now: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """The figures of ``queryset`` (usually every task row) over the last ``window``."""
+    now = now or timezone.now()
+    since = now - window
+    counts = _counts(queryset, since)
+    vendor = _vendor(queryset)
+    runtime, task_runtime = (_runtime_sql if vendor == "postgresql" else _runtime_sample)(
+        queryset, since
+    )
+    states: dict[str, int] = {}
+    tasks: dict[str, Any] = {}
+    for task, per_state in sorted(counts.items(), key=lambda kv: (-sum(kv[1].values()), kv[0])):
+        for status, n in per_state.items():
+            states[status] = states.get(status, 0) + n
+        tasks[task] = {
+            "total": sum(per_state.values()),
+            "states": dict(sorted(per_state.items())),
+            "failure_rate": failure_rate(per_state),
+            "runtime": task_runtime.get(task),
+        }
+    return {
+        "generated_at": now.isoformat(),
+        "window": {
+            "start": since.isoformat(),
+            "end": now.isoformat(),
+            "seconds": window.total_seconds(),
+        },
+        "total": sum(states.values()),
+        "states": dict(sorted(states.items())),
+        "failure_rate": failure_rate(states),
+        "runtime": runtime,
+        "tasks": tasks,
+        "stale": {
+            "tasks": queryset.get_stale_tasks(stale_after, now=now).count(),
+            "after_seconds": stale_after.total_seconds(),
+            "scheduled_claims": queryset.get_stale_scheduled_tasks(
+                claim_stale_after, now=now
+            ).count(),
+            "claim_after_seconds": claim_stale_after.total_seconds(),
+        },
+        "scheduled": _scheduled(queryset),
+    }
+
+
+def _vendor(queryset: QuerySet) -> str:
+    from django.db import connections
+
+    return connections[queryset.db].vendor
+
+
+def hourly(
+    queryset: QuerySet, hours: int = 24, now: dt.datetime | None = None
+) -> list[dict[str, Any]]:
+    """Completions and failures per hour, oldest first: the current hour and ``hours - 1`` before.
+
+    Each item: ``{"hour": <datetime, start of the hour>, "SUCCESS": n, "FAILURE": n}``.
+    One statement; buckets are UTC hours (``TruncHour`` with a fixed zone needs no time
+    zone tables on MySQL) and hours without a completion are filled in with zeros.
+    """
+    now = now or timezone.now()
+    utc = dt.timezone.utc if timezone.is_aware(now) else None
+    current = (now.astimezone(utc) if utc else now).replace(minute=0, second=0, microsecond=0)
+    first = current - dt.timedelta(hours=hours - 1)
+    rows = (
+        queryset.filter(status__in=_RUN_STATES, date_done__gte=first)
+        .order_by()
+        .annotate(hour=TruncHour("date_done", tzinfo=utc))
+        .values_list("hour", "status")
+        .annotate(n=Count("pk"))
+    )
+    found: dict[tuple[dt.datetime, str], int] = {}
+    for hour, status, n in rows:
+        found[(hour, status)] = n
+    buckets = []
+    for index in range(hours):
+        hour = first + dt.timedelta(hours=index)
+        buckets.append(
+            {
+                "hour": hour,
+                SUCCESS: found.get((hour, SUCCESS), 0),
+                FAILURE: found.get((hour, FAILURE), 0),
+            }
+        )
+    return buckets
