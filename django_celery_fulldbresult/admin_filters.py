@@ -49,9 +49,15 @@ class StateFilter(admin.SimpleListFilter):
         return queryset.filter(status=self.value()) if self.value() else queryset
 
 
+#: Apps whose task modules were imported (once per process: it tries every installed app).
+_imported: set[int] = set()
+
+
 def registered_task_names(app: Any) -> list[str]:
     """The task names the Celery app knows (its task modules imported first, as beat does)."""
-    app.loader.import_default_modules()
+    if id(app) not in _imported:
+        app.loader.import_default_modules()
+        _imported.add(id(app))
     return [name for name in app.tasks if not name.startswith("celery.")]
 
 

@@ -3,8 +3,8 @@
 ``COUNT(*)`` over a million rows costs more than the page itself. Unfiltered,
 the count is PostgreSQL's planner estimate (``pg_class.reltuples``, kept by
 autovacuum/ANALYZE); filtered, or elsewhere, it is an exact count capped at
-``COUNT_LIMIT`` rows (``SELECT COUNT(*) FROM (... LIMIT n)``), which an index
-serves.
+``COUNT_LIMIT`` rows (``SELECT COUNT(*) FROM (... ORDER BY ... LIMIT n)``),
+which the index serving the page serves too.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ class EstimatedCountPaginator(Paginator):
             if estimate is not None and estimate > self.count_limit:
                 self.count_is_exact = False
                 return estimate
-        counted = queryset.order_by()[: self.count_limit + 1].count()
+        # The page's ordering is kept: the planner then walks the same index as the page
+        # (newest first) instead of scanning the table from its oldest rows.
+        counted = queryset[: self.count_limit + 1].count()
         if counted > self.count_limit:
             self.count_is_exact = False
             return self.count_limit
