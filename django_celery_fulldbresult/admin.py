@@ -123,9 +123,9 @@ def child_ids(meta: dict | None) -> list[str]:
 class TaskChangeList(ChangeList):
     """Reads only the listed columns: the page never loads arguments or results."""
 
-    def get_queryset(self, request, exclude_parameters=None):
-        queryset = super().get_queryset(request, exclude_parameters)
-        return queryset.only(*LIST_COLUMNS)
+    def get_queryset(self, request, *args: Any, **kwargs: Any):
+        # (*args: Django 5.0+ passes exclude_parameters for facets.)
+        return super().get_queryset(request, *args, **kwargs).only(*LIST_COLUMNS)
 
 
 class TaskResultMetaAdmin(admin.ModelAdmin):
@@ -157,6 +157,8 @@ class TaskResultMetaAdmin(admin.ModelAdmin):
     sortable_by = ()
     ordering = ("-id",)
     show_full_result_count = False
+    if hasattr(admin, "ShowFacets"):  # Django 5.0+: a count per filter choice scans the table
+        show_facets = admin.ShowFacets.NEVER
     paginator = EstimatedCountPaginator
     actions = admin_actions.ACTIONS
     fieldsets = (

@@ -542,3 +542,47 @@ def test_beat_run_now_reaches_the_worker(admin_client, periodic, celery_app):
     assert done.get().get_result() == {"args": [], "kwargs": {"x": 1}}
     listed = admin_client.get(changelist(periodic_task_name="echo+now")).context["cl"].result_list
     assert [r.task_id for r in listed] == [done.get().task_id]
+
+
+def test_custom_admin_site(admin_client, settings, periodic):
+    settings.ROOT_URLCONF = "tests.custom_admin_urls"
+    target = make_row(periodic_task_name="nightly")
+    periodic(name="nightly")
+    url = reverse("custom:django_celery_fulldbresult_taskresultmeta_changelist")
+    assert url.startswith("/custom-admin/")
+    assert target.task_id in admin_client.get(url).content.decode()
+    beat = admin_client.get(reverse("custom:django_celery_beat_periodictask_changelist"))
+    assert f'href="{url}?periodic_task_name=nightly"' in beat.content.decode()
+    assert admin_client.get(url + "dashboard/").status_code in (200, 404)
+
+
+def test_the_0_5_setting_name_is_accepted(settings):
+    from django_celery_fulldbresult import conf
+
+    settings.DJANGO_CELERY_FULLDBRESULT_OVERRIDE_BEAT_ADMIN = None
+    settings.DJANGO_CELERY_FULLDBRESULT_OVERRIDE_DJCELERY_ADMIN = True
+    assert conf.get("OVERRIDE_BEAT_ADMIN") is True
+
+
+def test_packed_arguments_that_cannot_be_decoded_are_refused(admin_client):
+    packed = make_row(
+        status=states.FAILURE,
+        args=None,
+        kwargs=None,
+        packed_args=b"\x80\x04not really pickle",
+        packed_args_content_type="application/x-python-serialize",
+    )
+    content = act(admin_client, "retry_tasks", [packed], confirm=False).content.decode()
+    assert "refused: its stored arguments cannot be decoded" in content
+    detail_page = admin_client.get(detail(packed)).content.decode()
+    assert "packed (application/x-python-serialize), not shown" in detail_page
+
+
+def test_too_large_a_selection_is_refused_before_anything_happens(admin_client, monkeypatch):
+    from django_celery_fulldbresult import admin_actions
+
+    monkeypatch.setattr(admin_actions, "ACTION_LIMIT", 2)
+    rows = [make_row(status=states.FAILURE, queue=HELD) for _ in range(3)]
+    response = act(admin_client, "retry_tasks", rows)
+    assert "Select at most 2 tasks for this action." in texts(response)
+    assert not TaskResultMeta.objects.filter(retried_from__isnull=False).exists()
