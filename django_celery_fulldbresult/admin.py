@@ -115,7 +115,7 @@ def child_ids(meta: dict | None) -> list[str]:
         elif isinstance(head, (list, tuple)) and head and isinstance(head[0], str):
             ids.append(head[0])
 
-    for child in (meta or {}).get("children") or ():
+    for child in (meta.get("children") if isinstance(meta, dict) else None) or ():
         walk(child)
     return ids
 
