@@ -29,6 +29,10 @@ class Migration(migrations.Migration):
         ),
         migrations.AddIndex(
             model_name='taskresultmeta',
+            index=models.Index(fields=['date_submitted'], name='fdr_submitted_idx'),
+        ),
+        migrations.AddIndex(
+            model_name='taskresultmeta',
             index=models.Index(fields=['retried_from'], name='fdr_retried_from_idx'),
         ),
     ]
