@@ -19,7 +19,7 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import gettext as _
-from django.utils.translation import gettext_lazy
+from django.utils.translation import gettext_lazy, ngettext_lazy
 
 from . import replay, scheduling
 from .states import FINAL_STATES, SCHEDULED
@@ -140,7 +140,7 @@ def _run(
     plan: Callable[[Any], tuple[bool, str]],
     execute: Callable[[list[Any]], list[Line]],
     title: str,
-    button: str,
+    button: Any,
     done: str,
     extra: str = "",
 ):
@@ -207,7 +207,7 @@ def retry_tasks(modeladmin, request, queryset):
         plan=plan,
         execute=execute,
         title=_("Retry tasks"),
-        button=_("Yes, retry %(count)d tasks"),
+        button=ngettext_lazy("Yes, retry %(count)d task", "Yes, retry %(count)d tasks", "count"),
         done=_("Retried %(done)d of %(count)d selected tasks."),
     )
 
@@ -250,7 +250,7 @@ def cancel_scheduled_tasks(modeladmin, request, queryset):
         plan=plan,
         execute=execute,
         title=_("Cancel scheduled tasks"),
-        button=_("Yes, cancel %(count)d tasks"),
+        button=ngettext_lazy("Yes, cancel %(count)d task", "Yes, cancel %(count)d tasks", "count"),
         done=_("Cancelled %(done)d of %(count)d selected tasks."),
     )
 
@@ -300,7 +300,9 @@ def send_scheduled_now(modeladmin, request, queryset):
         plan=plan,
         execute=execute,
         title=_("Send scheduled tasks now"),
-        button=_("Yes, send %(count)d tasks now"),
+        button=ngettext_lazy(
+            "Yes, send %(count)d task now", "Yes, send %(count)d tasks now", "count"
+        ),
         done=_("Sent %(done)d of %(count)d selected tasks."),
     )
 
@@ -350,7 +352,7 @@ def revoke_tasks(modeladmin, request, queryset):
         plan=plan,
         execute=execute,
         title=_("Revoke tasks"),
-        button=_("Yes, revoke %(count)d tasks"),
+        button=ngettext_lazy("Yes, revoke %(count)d task", "Yes, revoke %(count)d tasks", "count"),
         done=_("Revoked %(done)d of %(count)d selected tasks."),
         extra="terminate",
     )

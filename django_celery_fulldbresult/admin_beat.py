@@ -16,7 +16,7 @@ from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 from django.utils.translation import gettext as _
-from django.utils.translation import gettext_lazy
+from django.utils.translation import gettext_lazy, ngettext
 from django_celery_beat.admin import PeriodicTaskAdmin
 from django_celery_beat.models import PeriodicTask
 from kombu.utils.json import loads
@@ -139,7 +139,10 @@ class CustomPeriodicTaskAdmin(PeriodicTaskAdmin):
             request,
             action="run_now",
             title=_("Run periodic tasks now"),
-            button=_("Yes, run %(count)d tasks now") % {"count": len(tasks)},
+            button=ngettext(
+                "Yes, run %(count)d task now", "Yes, run %(count)d tasks now", len(tasks)
+            )
+            % {"count": len(tasks)},
             lines=lines,
         )
 

@@ -335,7 +335,7 @@ def test_retry_a_failed_task_runs_a_copy_on_the_worker(admin_client):
 
     page = act(admin_client, "retry_tasks", [original], confirm=False)
     content = page.content.decode()
-    assert 'name="post" value="yes"' in content and 'value="Yes, retry 1 tasks"' in content
+    assert 'name="post" value="yes"' in content and 'value="Yes, retry 1 task"' in content
     assert TaskResultMeta.objects.filter(retried_from=original.task_id).count() == 0
 
     response = act(admin_client, "retry_tasks", [original])
@@ -514,7 +514,7 @@ def test_beat_run_now_honours_the_routing_and_headers(admin_client, periodic, ce
     )
     url = reverse("admin:django_celery_beat_periodictask_changelist")
     page = admin_client.post(url, {"action": "run_now", "_selected_action": [task.pk]})
-    assert 'value="Yes, run 1 tasks now"' in page.content.decode()
+    assert 'value="Yes, run 1 task now"' in page.content.decode()
     assert held_messages(celery_app) == []
     response = admin_client.post(
         url, {"action": "run_now", "_selected_action": [task.pk], "post": "yes"}, follow=True
