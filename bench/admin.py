@@ -173,6 +173,7 @@ def timed_get(client, url: str, repeat: int) -> dict:
         client.get(url)
     statements = [q["sql"] for q in queries]
     slowest = max(queries, key=lambda q: float(q["time"]))
+    plans = [plan_facts(sql) for sql in statements if f'FROM "{_common.TASK_TABLE}"' in sql]
     full_counts = [s for s in statements if "COUNT(" in s.upper() and "LIMIT" not in s.upper()]
     distinct = [s for s in statements if "DISTINCT" in s.upper()]
     return {
@@ -185,6 +186,23 @@ def timed_get(client, url: str, repeat: int) -> dict:
         "slowest_sql": slowest["sql"][:300],
         "full_counts": len(full_counts),
         "distinct": len(distinct),
+        "indexes": sorted({name for plan in plans for name in plan["indexes"]}),
+        "seq_scan": any(plan["seq_scan"] for plan in plans),
+    }
+
+
+def plan_facts(sql: str) -> dict:
+    """Indexes used and whether the task table is scanned, from EXPLAIN of a logged statement."""
+    import re
+
+    if not sql.lstrip().upper().startswith("SELECT"):
+        return {"indexes": [], "seq_scan": False}
+    with cursor() as c:
+        c.execute("EXPLAIN " + sql.replace("%", "%%"))
+        text = "\n".join(row[0] for row in c.fetchall())
+    return {
+        "indexes": re.findall(r"Index (?:Only )?Scan(?: Backward)? (?:using|on) (\w+)", text),
+        "seq_scan": bool(re.search(rf"Seq Scan on {_common.TASK_TABLE}\b", text)),
     }
 
 
@@ -328,6 +346,11 @@ def explain_search(term: str) -> list[str]:
         return [row[0] for row in c.fetchall()]
 
 
+def short(index: str) -> str:
+    """Django's generated index names, shortened for the table."""
+    return index.replace(_common.TASK_TABLE, "t").replace(_common.DCR_TABLE, "dcr")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -366,6 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
             case["statements"],
             f"{case['slowest_ms']:.1f}",
             f"{case['full_counts']} / {case['distinct']}",
+            f"{', '.join(short(i) for i in case['indexes']) or '-'}"
+            f"{' / **seq scan**' if case['seq_scan'] else ''}",
         ]
         for case in pages
     ]
@@ -392,6 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "SQL statements",
                 "slowest statement ms",
                 "full COUNT / DISTINCT",
+                "task-table indexes (EXPLAIN)",
             ],
             "rows": rows,
             "notes": [
