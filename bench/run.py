@@ -1,7 +1,7 @@
 """Run every benchmark and write the summary to bench/results/latest.md (and, for a full
 run, to BENCHMARKS.md at the top of the repository: ``make bench``).
 
-    python bench/run.py            # stores, e2e, stale_plan, scheduler, stats_bench (about 9 min)
+    python bench/run.py            # stores, e2e, stale_plan, scheduler, stats_bench, admin
     python bench/run.py --quick    # smaller counts, a smoke test (about 2 min)
     python bench/run.py --only stores,e2e
 
@@ -9,7 +9,8 @@ Each benchmark runs in its own process (they use different databases and
 settings) with a time limit; the runs are isolated from the tests and the demo
 (database ``fulldb_bench``/``fulldb_bench_stale``, queue ``bench``, var dir
 ``/tmp/fulldb-bench``; scheduler.py: ``fulldb_bench_sched``, ``bench_sched``,
-``/tmp/fulldb-bench-sched``). PostgreSQL and RabbitMQ on 127.0.0.1 must be up
+``/tmp/fulldb-bench-sched``; admin.py: ``fulldb_bench_admin``, ``bench_admin``,
+``/tmp/fulldb-bench-admin``). PostgreSQL and RabbitMQ on 127.0.0.1 must be up
 (``bash scripts/services.sh`` starts them; this script tries it once).
 """
 
@@ -42,9 +43,10 @@ BENCHMARKS = {
     "stale": ("stale_plan.py", [], 300, ["--repeat", "3"]),
     "scheduler": ("scheduler.py", [], 600, ["--quick"]),
     "stats": ("stats_bench.py", [], 300, ["--repeat", "3"]),
+    "admin": ("admin.py", [], 420, ["--repeat", "3", "--no-dcr"]),
 }
 #: Benchmarks that keep 1M rows across runs; --refill rebuilds them.
-REFILLABLE = ("stale", "scheduler", "stats")
+REFILLABLE = ("stale", "scheduler", "stats", "admin")
 
 
 def reachable(port: int) -> bool:
@@ -225,6 +227,9 @@ def headline(results: dict[str, dict]) -> str:
                 "",
             ]
         )
+    admin = results.get("admin")
+    if admin and not admin.get("failed"):
+        rows.extend(admin_rows(admin))
     failed = [name for name, r in results.items() if r.get("failed")]
     text = (
         "Baseline: django-celery-results for the result backend rows; Celery without the "
@@ -330,6 +335,52 @@ def scheduler_rows(result: dict) -> list[list[str]]:
                 "",
             ]
         )
+    return rows
+
+
+def admin_rows(result: dict) -> list[list[str]]:
+    """The summary rows of admin.py: ours next to django-celery-results' admin."""
+    rows = []
+    pages = {(p["kind"], p["label"]): p for p in result["pages"]}
+    pairs = (
+        ("changelist", "default (newest first)", "dcr changelist", "default"),
+        ("changelist", "state = FAILURE", "dcr changelist", "state = FAILURE"),
+        ("search", "exact task id", "dcr search", "exact task id"),
+    )
+    total = result["fill"]["rows"]
+    for kind, label, dcr_kind, dcr_label in pairs:
+        ours, dcr = pages.get((kind, label)), pages.get((dcr_kind, dcr_label))
+        if ours is None:
+            continue
+        rows.append(
+            [
+                f"admin at {total:,} rows: {kind} {label}, ms (baseline: django-celery-results)",
+                f"{ours['median_ms']:.0f}",
+                f"{dcr['median_ms']:.0f}" if dcr else "",
+                f"**{ours['median_ms'] / dcr['median_ms']:.2f}x**" if dcr else "",
+            ]
+        )
+    slowest = max(
+        (p for p in result["pages"] if not p["kind"].startswith("dcr")),
+        key=lambda p: p["median_ms"],
+    )
+    rows.append(
+        [
+            "admin: slowest of our pages (changelists, filters, searches), ms",
+            f"{slowest['median_ms']:.0f} ({slowest['kind']}: {slowest['label']})",
+            "",
+            "",
+        ]
+    )
+    retry = result["retry"]
+    rows.append(
+        [
+            f"admin: Retry action on {retry['rows']:,} selected rows, s (target < 10)",
+            f"{retry['retry_s']:.2f}",
+            "",
+            "",
+        ]
+    )
     return rows
 
 

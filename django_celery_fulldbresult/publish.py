@@ -93,7 +93,7 @@ def on_after_publish(
         )
 
 
-def _tracking_alias() -> str:
+def tracking_alias() -> str:
     """Where to write: the dedicated connection, except on SQLite inside a transaction.
 
     SQLite locks the whole database for a writing transaction, so a second
@@ -112,7 +112,7 @@ def record(values: dict[str, Any]) -> None:
     from .models import TaskResultMeta
 
     values = {**values, "status": PENDING}
-    using = _tracking_alias()
+    using = tracking_alias()
     if connections[using].in_atomic_block:
         # In the caller's transaction: a savepoint keeps a failed insert from
         # breaking the caller's transaction.

@@ -879,6 +879,47 @@ def cancel_scheduled(task_id: str, using: str | None = None) -> bool:
     )
 
 
+def send_now(app: Any, task_ids: list[str], using: str | None = None) -> dict[str, str]:
+    """Forward these scheduled tasks now instead of at their eta; task id -> what happened.
+
+    Claim-safe: the rows are claimed with a token of our own by the same
+    conditional UPDATE a sender uses (only unclaimed, unexpired SCHEDULED rows),
+    then published and recorded by ``publish_rows``. A row a sender holds, or
+    that is no longer SCHEDULED, is left alone: nothing is sent twice.
+    Outcomes: ``sent``, ``failed``, ``released`` (broker down: SCHEDULED again),
+    ``not claimed`` (not waiting, expired, or held by a sender).
+    """
+    using = using or db.task_db_alias()
+    token = uuid.uuid4()
+    now = db.DatabaseNow()
+    (
+        _scheduled_rows(using)
+        .filter(task_id__in=task_ids, scheduled_id__isnull=True)
+        .exclude(expires__lte=now)
+        .update(scheduled_id=token, date_claimed=timezone.now())
+    )
+    rows = list(
+        _scheduled_rows(using)
+        .filter(task_id__in=task_ids, scheduled_id=token)
+        .values(*CLAIM_COLUMNS)
+    )
+    outcomes = dict.fromkeys(task_ids, "not claimed")
+    if not rows:
+        return outcomes
+    publish_rows(app, rows, using, token)
+    from .models import TaskResultMeta
+
+    after = TaskResultMeta.objects.using(using).filter(id__in=[row["id"] for row in rows])
+    for task_id, status, claim in after.values_list("task_id", "status", "scheduled_id"):
+        if status == SCHEDULED and claim is None:
+            outcomes[task_id] = "released"
+        elif status == states.FAILURE and claim == token:  # _fail() keeps our token
+            outcomes[task_id] = "failed"
+        else:  # SCHEDULED_SENT, or the worker already wrote its state
+            outcomes[task_id] = "sent"
+    return outcomes
+
+
 def resend_stale(app: Any, rows: list[dict[str, Any]], using: str | None = None) -> PassResult:
     """Re-send claimed rows a crashed sender left behind (on purpose: may duplicate)."""
     using = using or db.task_db_alias()

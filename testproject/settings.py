@@ -149,6 +149,8 @@ if os.environ.get("FULLDB_DB_REUSE_MAX", "1000"):
     CELERY_DB_REUSE_MAX = int(os.environ.get("FULLDB_DB_REUSE_MAX", "1000"))
 
 DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = True
+# The PeriodicTask admin with "Run now" and links to the results.
+DJANGO_CELERY_FULLDBRESULT_OVERRIDE_BEAT_ADMIN = True
 DJANGO_CELERY_FULLDBRESULT_WORKER_HEARTBEAT = float(os.environ.get("FULLDB_HEARTBEAT", "2"))
 
 # FULLDB_SCHEDULE_ETA=1: eta/countdown tasks wait in the database (all apps, monkey patch).

@@ -106,3 +106,14 @@ def always_retry(self):
 
     Run.objects.create(task_id=self.request.id, pid=os.getpid())
     raise self.retry(exc=RuntimeError(f"attempt {self.request.retries}"), countdown=1)
+
+
+@shared_task
+def needs_marker(marker):
+    """Fails until a ``Run`` row with task_id ``marker`` exists: a failure an operator
+    can fix, then retry from the admin."""
+    from testproject.demo.models import Run
+
+    if not Run.objects.filter(task_id=marker).exists():
+        raise LookupError(f"marker {marker!r} is missing")
+    return marker
