@@ -45,6 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "SCHEDULER_BATCH_SIZE": 500,
     # Longest sleep of run_scheduler between two polls, in seconds.
     "SCHEDULER_INTERVAL": 1.0,
+    # The sender publishes with broker confirms (AMQP): a forwarded task is never lost unseen.
+    "SCHEDULER_CONFIRM_PUBLISH": True,
     # Admin (issue 4).
     "OVERRIDE_BEAT_ADMIN": False,
 }

@@ -392,13 +392,30 @@ def _fail(using: str, row: dict[str, Any], token: uuid.UUID, error: BaseExceptio
     )
 
 
+@contextlib.contextmanager
+def confirmed_producer(app: Any) -> Iterator[Any]:
+    """A producer whose ``publish`` returns once the broker has the message.
+
+    Without publisher confirms, AMQP reports success as soon as the message is in
+    the socket: a broker restart then loses it silently, and the row would say
+    SCHEDULED_SENT (found by the soak suite). ``SCHEDULER_CONFIRM_PUBLISH`` turns
+    confirms on for the sender's own connection (Redis replies to every command).
+    """
+    if not conf.get("SCHEDULER_CONFIRM_PUBLISH"):
+        with app.producer_or_acquire() as producer:
+            yield producer
+        return
+    with app.connection_for_write(transport_options={"confirm_publish": True}) as connection:
+        yield app.amqp.Producer(connection)
+
+
 def publish_rows(app: Any, rows: list[dict[str, Any]], using: str, token: uuid.UUID) -> PassResult:
     """Publish claimed rows on one broker connection; record what happened to each."""
     outcome = PassResult(claimed=len(rows))
     sent: list[int] = []
     pending = list(rows)
     try:
-        with forwarding(), app.producer_or_acquire() as producer:
+        with forwarding(), confirmed_producer(app) as producer:
             while pending:
                 row = pending[0]
                 try:
