@@ -26,6 +26,8 @@ from typing import Any
 from celery import states
 from celery.utils.time import maybe_make_aware
 from django.db import connections, transaction
+from django.db.models import TextField
+from django.db.models.functions import Cast
 from django.utils import timezone
 
 from . import conf, db, records, serialization
@@ -279,13 +281,19 @@ CLAIM_COLUMNS = (
     "id",
     "task_id",
     "task",
-    "args",
-    "kwargs",
     "packed_args",
     "packed_args_content_type",
-    "options",
     *COLUMN_OPTIONS,
 )
+#: Read as text and decoded row by row (``send_kwargs``): a corrupt stored value fails
+#: its own row instead of the read of the whole claimed batch.
+JSON_CLAIM_COLUMNS = ("args", "kwargs", "options")
+
+
+def claimed_values(queryset: Any, *extra: str) -> list[dict[str, Any]]:
+    """The claim columns of ``queryset``'s rows; JSON columns as ``<name>_json`` text."""
+    as_text = {f"{c}_json": Cast(c, output_field=TextField()) for c in JSON_CLAIM_COLUMNS}
+    return list(queryset.values(*CLAIM_COLUMNS, *extra, **as_text))
 
 
 @dataclass
@@ -338,11 +346,8 @@ def claim(using: str, token: uuid.UUID, batch_size: int) -> list[dict[str, Any]]
             scheduled_id=token, date_claimed=timezone.now()
         )
     # By primary key (the token alone has no index); the token keeps only what we won.
-    return list(
-        _scheduled_rows(using)
-        .filter(id__in=ids, scheduled_id=token)
-        .order_by("eta")
-        .values(*CLAIM_COLUMNS)
+    return claimed_values(
+        _scheduled_rows(using).filter(id__in=ids, scheduled_id=token).order_by("eta")
     )
 
 
@@ -353,13 +358,24 @@ def send_kwargs(row: dict[str, Any], app: Any) -> tuple[list, dict, dict[str, An
             row["packed_args"], row["packed_args_content_type"], app.conf.accept_content
         )
     else:
-        args, kwargs = list(row["args"] or []), dict(row["kwargs"] or {})
-    options = dict(row["options"] or {})
+        args, kwargs = _stored_json(row, "args", list), _stored_json(row, "kwargs", dict)
+    options = _stored_json(row, "options", dict)
     for column in COLUMN_OPTIONS:
         if row.get(column) is not None:
             options[column] = row[column]
     options["retries"] = row["retries"]
     return args, kwargs, options
+
+
+def _stored_json(row: dict[str, Any], column: str, kind: type) -> Any:
+    """Decode one stored JSON column of a claimed row; TypeError names what is wrong."""
+    text = row.get(f"{column}_json")
+    value = kind() if text is None else serialization.loads(text)
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise TypeError(f"stored {column} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
 
 
 def _mark(using: str, ids: list[int], token: uuid.UUID, **changes: Any) -> int:
