@@ -463,3 +463,14 @@ def test_a_corrupt_stored_row_fails_alone_and_the_rest_of_its_batch_is_sent(patc
     assert row(bad["args"]).args == corrupt["args"]
     assert celery_app.AsyncResult(bad["args"]).state == states.FAILURE
 
+
+def test_run_scheduler_once_exits_with_an_error_instead_of_looping(patched, monkeypatch):
+    """Found by the soak suite: ``run_scheduler --once`` retried a failing pass forever."""
+    from django.core.management.base import CommandError
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("database unreachable")
+
+    monkeypatch.setattr(scheduling, "forward_due", broken)
+    with pytest.raises(CommandError, match="database unreachable"):
+        call_command("run_scheduler", "--once", stdout=io.StringIO(), stderr=io.StringIO())
