@@ -126,6 +126,9 @@ def _broker() -> tuple[str, dict]:
         if os.environ.get("FULLDB_VISIBILITY_TIMEOUT"):
             # Unacknowledged messages of a killed worker come back after this many seconds.
             options["visibility_timeout"] = float(os.environ["FULLDB_VISIBILITY_TIMEOUT"])
+            # and kombu sweeps for them every second (default: every 10 x 10 s).
+            options["unacked_restore_interval"] = 1
+            options["unacked_restore_throttle"] = 1
         return f"redis://127.0.0.1:{port or 6379}/{redis_db}", options
     folder = Path(os.environ.get("FULLDB_BROKER_DIR", VAR_DIR / "broker"))
     for sub in ("queue", "control"):
