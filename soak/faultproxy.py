@@ -22,9 +22,16 @@ _BUFFER = 65536
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0), as a crashed server's kernel would."""
+    """Close both directions at once, as the kernel does when the server process dies.
+
+    ``shutdown`` comes first: a plain ``close`` does not wake this proxy's thread blocked
+    in ``recv`` on the socket, so the kernel would keep it open and the client would wait
+    on a silent connection forever (a network black hole, not a restart).
+    """
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
         sock.close()
 
