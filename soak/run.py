@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -84,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             print(line, end="", flush=True)
             if line.startswith("SOAK "):
                 lines.append(line.rstrip())
-        failed |= proc.wait() != 0
+        try:
+            failed |= proc.wait() != 0
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait(60)
+            raise
     print("\nSummary:")
     for line in lines:
         print(line)
@@ -126,7 +132,13 @@ def empty_tables() -> None:
             cursor.execute(f"TRUNCATE TABLE {connection.ops.quote_name(table)}")
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM becomes SystemExit: every ``finally`` stops the workers and senders it started.
+    raise SystemExit(128 + signum)
+
+
 def run_stack(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     env = isolation_env(args.stack)
     os.environ.clear()
     os.environ.update(env)
