@@ -12,6 +12,7 @@ docs/design.md.
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import struct
 import threading
@@ -34,6 +35,22 @@ def _reset(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
         sock.close()
+
+
+def _bind_outside_ephemeral_range(listener: socket.socket) -> None:
+    """Bind a free port below the ephemeral range (Linux: 32768-60999).
+
+    While the proxy is down its port is free; a client connecting to it may then be
+    given that very port as its own source port and connect to itself (TCP simultaneous
+    open) instead of being refused, and keep the port taken.
+    """
+    for port in random.sample(range(20000, 32000), 200):
+        try:
+            listener.bind(("127.0.0.1", port))
+            return
+        except OSError:
+            continue
+    raise OSError("no free port for the fault proxy in 20000-32000")
 
 
 class FaultProxy:
@@ -118,7 +135,10 @@ class FaultProxy:
     def _listen(self) -> None:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        if self.port:
+            listener.bind(("127.0.0.1", self.port))
+        else:
+            _bind_outside_ephemeral_range(listener)
         listener.listen(128)
         listener.settimeout(0.1)
         self.port = listener.getsockname()[1]
@@ -129,6 +149,9 @@ class FaultProxy:
         with self._lock:
             listener, self._listener = self._listener, None
         if listener is not None:
+            # shutdown stops accepting at once, even while the accept thread polls it.
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 listener.close()
 
