@@ -182,9 +182,12 @@ def _worker_kill_case(ctx: Context, out: Outcome, pool: str, acks_late: bool) ->
                 lambda: harness.count_in(ids, status="SUCCESS") == count, 90
             )
         else:
+            # A killed task may still come back: its early ack can die with the connection
+            # (SIGKILL resets it, the broker drops what it had not read yet).
             settled = harness.wait_until(
-                lambda: harness.count_in(ids, status="SUCCESS") == count - len(killed), 90
+                lambda: harness.count_in(ids, status="SUCCESS") >= count - len(killed), 90
             )
+            time.sleep(3)
         out.check(settled, f"{label}: the other tasks did not finish")
         time.sleep(7)  # the victim's heartbeat expires (2 s x 3 missed, see settings)
         stale = harness.stale_task_ids() & set(ids)
@@ -201,9 +204,10 @@ def _worker_kill_case(ctx: Context, out: Outcome, pool: str, acks_late: bool) ->
         out.check(rerun <= killed, f"{label}: {len(rerun - killed)} unkilled tasks ran twice")
         wrong = [i for i in killed if len(runs.get(i, [])) not in (1, 2)]
     else:
-        out.check(unfinished == killed, f"{label}: unfinished {unfinished} != killed {killed}")
-        out.check(stale == killed, f"{label}: find_stale_tasks reports {stale}, killed {killed}")
-        wrong = [i for i in killed if len(runs.get(i, [])) > 1]
+        out.check(unfinished <= killed, f"{label}: unfinished {unfinished} not all killed")
+        out.check(stale == unfinished, f"{label}: find_stale_tasks reports {stale}, {unfinished}")
+        out.figures[f"{label}_redelivered"] = len(killed - unfinished)
+        wrong = [i for i in killed if len(runs.get(i, [])) > (1 if i in unfinished else 2)]
     out.check(not wrong, f"{label}: {len(wrong)} killed tasks ran a wrong number of times")
     others = [i for i in ids if i not in killed and len(runs.get(i, [])) != 1]
     out.check(not others, f"{label}: {len(others)} other tasks ran a wrong number of times")
