@@ -37,7 +37,7 @@ bench: venv
 	bash scripts/services.sh
 	$(PY) bench/run.py
 
-## Soak and fault scenarios on PostgreSQL + RabbitMQ and MariaDB + Redis (about 25 min).
+## Soak and fault scenarios on PostgreSQL + RabbitMQ and MariaDB + Redis (about 20 min).
 ## SOAK_ARGS="--only 1,4 --load-tasks 10000" narrows it; soak-small runs the pytest sizes.
 soak: venv
 	bash scripts/services.sh
