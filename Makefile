@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-services test-matrix bench lint services clean
+.PHONY: venv demo test test-services test-matrix bench soak soak-small lint services clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,18 @@ test-matrix:
 bench: venv
 	bash scripts/services.sh
 	FULLDB_BENCH_COMMAND="make bench" $(PY) bench/run.py
+
+## Soak and fault scenarios on PostgreSQL + RabbitMQ and MariaDB + Redis (about 20 min).
+## SOAK_ARGS="--only 1,4 --load-tasks 10000" narrows it; soak-small runs the pytest sizes.
+soak: venv
+	bash scripts/services.sh
+	$(PY) -m pip install -q 'mysqlclient>=2.2'
+	$(PY) -m soak $(SOAK_ARGS)
+
+soak-small: venv
+	bash scripts/services.sh
+	$(PY) -m pip install -q 'mysqlclient>=2.2'
+	$(PY) -m soak --small $(SOAK_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -30,6 +30,8 @@ from celery import states
 from celery.utils.functional import maybe_list
 from celery.utils.time import maybe_make_aware
 from django.db import connections, transaction
+from django.db.models import TextField
+from django.db.models.functions import Cast
 from django.utils import timezone
 
 from . import conf, db, records, serialization
@@ -290,16 +292,22 @@ CLAIM_COLUMNS = (
     "id",
     "task_id",
     "task",
-    "args",
-    "kwargs",
     "packed_args",
     "packed_args_content_type",
     "argsrepr",
     "kwargsrepr",
-    "options",
     "eta",
     *COLUMN_OPTIONS,
 )
+#: Read as text and decoded row by row (``send_kwargs``): a corrupt stored value fails
+#: its own row instead of the read of the whole claimed batch.
+JSON_CLAIM_COLUMNS = ("args", "kwargs", "options")
+
+
+def claimed_values(queryset: Any, *extra: str) -> list[dict[str, Any]]:
+    """The claim columns of ``queryset``'s rows; JSON columns as ``<name>_json`` text."""
+    as_text = {f"{c}_json": Cast(c, output_field=TextField()) for c in JSON_CLAIM_COLUMNS}
+    return list(queryset.values(*CLAIM_COLUMNS, *extra, **as_text))
 
 
 @dataclass
@@ -356,11 +364,8 @@ def claim(using: str, token: uuid.UUID, batch_size: int) -> list[dict[str, Any]]
             scheduled_id=token, date_claimed=timezone.now()
         )
     # By primary key (the token alone has no index); the token keeps only what we won.
-    return list(
-        _scheduled_rows(using)
-        .filter(id__in=ids, scheduled_id=token)
-        .order_by("eta")
-        .values(*CLAIM_COLUMNS)
+    return claimed_values(
+        _scheduled_rows(using).filter(id__in=ids, scheduled_id=token).order_by("eta")
     )
 
 
@@ -376,7 +381,11 @@ def _claim_returning(using: str, token: uuid.UUID, batch_size: int) -> list[dict
     fields = [meta.get_field(name) for name in CLAIM_COLUMNS]
     quote = connection.ops.quote_name
     table = quote(meta.db_table)
-    returning = ", ".join(f"claimed.{quote(field.column)}" for field in fields)
+    # JSON columns come back as text, decoded row by row (see JSON_CLAIM_COLUMNS).
+    returning = ", ".join(
+        [f"claimed.{quote(field.column)}" for field in fields]
+        + [f"claimed.{quote(name)}::text" for name in JSON_CLAIM_COLUMNS]
+    )
     # The CTE is MATERIALIZED so that the LIMIT holds: an `id IN (SELECT ... LIMIT n FOR
     # UPDATE SKIP LOCKED)` subquery may be rescanned by the plan and claim more than n rows.
     # Its WHERE matches the partial index fdr_scheduled_eta_idx (status = SCHEDULED).
@@ -398,17 +407,8 @@ def _claim_returning(using: str, token: uuid.UUID, batch_size: int) -> list[dict
     with connection.cursor() as cursor:
         cursor.execute(statement, [SCHEDULED, batch_size, token])
         fetched = cursor.fetchall()
-    rows = [
-        {
-            field.name: (
-                field.from_db_value(value, None, connection)
-                if value is not None and hasattr(field, "from_db_value")
-                else value
-            )
-            for field, value in zip(fields, values, strict=True)
-        }
-        for values in fetched
-    ]
+    names = [field.name for field in fields] + [f"{name}_json" for name in JSON_CLAIM_COLUMNS]
+    rows = [dict(zip(names, values, strict=True)) for values in fetched]
     rows.sort(key=lambda row: row["eta"] or _EPOCH)
     return rows
 
@@ -420,8 +420,8 @@ def send_kwargs(row: dict[str, Any], app: Any) -> tuple[list, dict, dict[str, An
             row["packed_args"], row["packed_args_content_type"], app.conf.accept_content
         )
     else:
-        args, kwargs = list(row["args"] or []), dict(row["kwargs"] or {})
-    options = dict(row["options"] or {})
+        args, kwargs = _stored_json(row, "args", list), _stored_json(row, "kwargs", dict)
+    options = _stored_json(row, "options", dict)
     for column in COLUMN_OPTIONS:
         if row.get(column) is not None:
             options[column] = row[column]
@@ -524,6 +524,17 @@ class _Declarations:
             except KeyError:  # unknown queue and task_create_missing_queues off
                 self.bound[queue] = None
         return self.bound[queue]
+
+
+def _stored_json(row: dict[str, Any], column: str, kind: type) -> Any:
+    """Decode one stored JSON column of a claimed row; TypeError names what is wrong."""
+    text = row[f"{column}_json"]  # rows come from claimed_values()
+    value = kind() if text is None else serialization.loads(text)
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise TypeError(f"stored {column} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
 
 
 def _mark(using: str, ids: list[int], token: uuid.UUID, **changes: Any) -> int:
@@ -898,11 +909,7 @@ def send_now(app: Any, task_ids: list[str], using: str | None = None) -> dict[st
         .exclude(expires__lte=now)
         .update(scheduled_id=token, date_claimed=timezone.now())
     )
-    rows = list(
-        _scheduled_rows(using)
-        .filter(task_id__in=task_ids, scheduled_id=token)
-        .values(*CLAIM_COLUMNS)
-    )
+    rows = claimed_values(_scheduled_rows(using).filter(task_id__in=task_ids, scheduled_id=token))
     outcomes = dict.fromkeys(task_ids, "not claimed")
     if not rows:
         return outcomes

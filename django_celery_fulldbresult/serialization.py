@@ -27,11 +27,24 @@ class JSONEncoder(kombu_json.JSONEncoder):
     """kombu's encoder: datetime, date, time, Decimal, UUID and bytes become envelopes."""
 
 
+def lenient_object_hook(obj: dict) -> Any:
+    """kombu's typed envelopes back to values; a corrupt envelope stays as stored.
+
+    The model's JSON columns decode with this: one row holding a bad envelope
+    must not make every query that reads it (admin pages, ``AsyncResult``) fail.
+    The scheduler decodes strictly (``loads``) and fails that row instead.
+    """
+    try:
+        return kombu_json.object_hook(obj)
+    except (ValueError, TypeError, KeyError, ArithmeticError):
+        return obj
+
+
 class JSONDecoder(json.JSONDecoder):
-    """Turns kombu's typed envelopes back into Python values."""
+    """Turns kombu's typed envelopes back into Python values (leniently, see above)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("object_hook", kombu_json.object_hook)
+        kwargs.setdefault("object_hook", lenient_object_hook)
         super().__init__(*args, **kwargs)
 
 

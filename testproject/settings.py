@@ -9,6 +9,8 @@
 ``FULLDB_TEST_DB=1`` points the project at the test database (used by the
 worker processes that the tests start). ``FULLDB_DB_NAME``, ``FULLDB_VAR_DIR``,
 ``FULLDB_QUEUE`` and ``FULLDB_REDIS_DB`` keep concurrent runs apart.
+``FULLDB_DB_PORT`` and ``FULLDB_BROKER_PORT`` point the project at another port
+of 127.0.0.1 (the soak suite's fault proxies, see soak/faultproxy.py).
 """
 
 import os
@@ -77,7 +79,7 @@ def _database() -> dict:
             "NAME": DB_NAME,
             "USER": os.environ.get("PGUSER", "postgres"),
             "HOST": "127.0.0.1",
-            "PORT": "5432",
+            "PORT": os.environ.get("FULLDB_DB_PORT", "5432"),
         }
     elif STACK == "maria-redis":
         db = {
@@ -86,7 +88,7 @@ def _database() -> dict:
             "USER": "root",
             "PASSWORD": "",
             "HOST": "127.0.0.1",
-            "PORT": "3306",
+            "PORT": os.environ.get("FULLDB_DB_PORT", "3306"),
             "OPTIONS": {"charset": "utf8mb4", "isolation_level": "read committed"},
         }
     elif STACK == "sqlite":
@@ -110,10 +112,24 @@ DATABASES = {"default": _database()}
 
 
 def _broker() -> tuple[str, dict]:
+    port = os.environ.get("FULLDB_BROKER_PORT")
     if STACK == "pg-rabbit":
-        return "amqp://guest:guest@127.0.0.1:5672//", {}
+        # FULLDB_CONFIRM_PUBLISH=1: publish returns once RabbitMQ has the message (without
+        # it a publish in the instant the broker goes down is lost silently).
+        confirm = os.environ.get("FULLDB_CONFIRM_PUBLISH") == "1"
+        return f"amqp://guest:guest@127.0.0.1:{port or 5672}//", (
+            {"confirm_publish": True} if confirm else {}
+        )
     if STACK == "maria-redis":
-        return f"redis://127.0.0.1:6379/{os.environ.get('FULLDB_REDIS_DB', '7')}", {}
+        redis_db = os.environ.get("FULLDB_REDIS_DB", "7")
+        options = {}
+        if os.environ.get("FULLDB_VISIBILITY_TIMEOUT"):
+            # Unacknowledged messages of a killed worker come back after this many seconds.
+            options["visibility_timeout"] = float(os.environ["FULLDB_VISIBILITY_TIMEOUT"])
+            # and kombu sweeps for them every second (default: every 10 x 10 s).
+            options["unacked_restore_interval"] = 1
+            options["unacked_restore_throttle"] = 1
+        return f"redis://127.0.0.1:{port or 6379}/{redis_db}", options
     folder = Path(os.environ.get("FULLDB_BROKER_DIR", VAR_DIR / "broker"))
     for sub in ("queue", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -142,7 +158,16 @@ CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
 CELERY_RESULT_BACKEND_MAX_RETRIES = 30
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
-CELERY_TASK_ACKS_LATE = False
+CELERY_TASK_ACKS_LATE = os.environ.get("FULLDB_ACKS_LATE") == "1"
+CELERY_WORKER_PREFETCH_MULTIPLIER = int(os.environ.get("FULLDB_PREFETCH", "4"))
+# Publishers fail within seconds when the broker is down instead of hanging.
+CELERY_BROKER_CONNECTION_TIMEOUT = 4
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": 3,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 1,
+}
 # Keep Django's connections between tasks (the backend has its own anyway);
 # FULLDB_DB_REUSE_MAX="" leaves Celery's default (close around every task).
 if os.environ.get("FULLDB_DB_REUSE_MAX", "1000"):

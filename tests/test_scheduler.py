@@ -506,3 +506,45 @@ def test_sender_killed_mid_batch_never_duplicates(worker_processes, tmp_path, ce
     assert ran | left == set(ids) and not ran & left
     assert len(left) < len(ids)  # the second sender did its part
     print(f"killed sender left {len(left)} claimed rows; {len(ran)} ran once")
+
+
+def test_a_corrupt_stored_row_fails_alone_and_the_rest_of_its_batch_is_sent(patched, celery_app):
+    """Found by the soak suite: one row whose stored JSON could not be decoded made the
+    re-read of the claimed batch raise, so the whole batch stayed claimed and was never sent;
+    and reading that row (admin, AsyncResult) raised too."""
+    good = [tasks.add.apply_async((i, i), countdown=0.2, queue=HELD).id for i in range(3)]
+    corrupt = {
+        "args": [{"__type__": "datetime", "__value__": "not a date"}],
+        "kwargs": [1, 2],
+        "options": "oops",
+    }
+    bad = {}
+    for column, value in corrupt.items():
+        bad[column] = tasks.add.apply_async((0, 0), countdown=0.2, queue=HELD).id
+        TaskResultMeta.objects.filter(task_id=bad[column]).update(**{column: value})
+    time.sleep(0.3)
+    outcome = scheduling.forward_due(celery_app)
+    scheduling.unpatch_send_task()
+    assert (outcome.sent, outcome.failed) == (3, 3)
+    assert sorted(drain(celery_app, HELD)) == sorted(good)
+    for column, task_id in bad.items():
+        stored = row(task_id)
+        assert stored.status == states.FAILURE
+        assert "cannot forward the scheduled task" in stored.traceback
+        assert column in stored.traceback or "decode" in stored.traceback
+    assert all(row(task_id).status == SCHEDULED_SENT for task_id in good)
+    # Reading the corrupt row (model instance, AsyncResult) works: the bad value as stored.
+    assert row(bad["args"]).args == corrupt["args"]
+    assert celery_app.AsyncResult(bad["args"]).state == states.FAILURE
+
+
+def test_run_scheduler_once_exits_with_an_error_instead_of_looping(patched, monkeypatch):
+    """Found by the soak suite: ``run_scheduler --once`` retried a failing pass forever."""
+    from django.core.management.base import CommandError
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("database unreachable")
+
+    monkeypatch.setattr(scheduling, "forward_due", broken)
+    with pytest.raises(CommandError, match="database unreachable"):
+        call_command("run_scheduler", "--once", stdout=io.StringIO(), stderr=io.StringIO())

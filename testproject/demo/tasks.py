@@ -117,3 +117,37 @@ def needs_marker(marker):
     if not Run.objects.filter(task_id=marker).exists():
         raise LookupError(f"marker {marker!r} is missing")
     return marker
+
+
+def _log_run(task_id: str, attempt: int) -> None:
+    """Append this execution to the run log (soak suite): one file per process, one line per
+    run, outside the database so that database faults can neither hide nor fake a run."""
+    folder = os.environ.get("FULLDB_RUN_LOG")
+    if not folder:
+        return
+    line = f"{task_id} {attempt} {time.time():.6f} {os.getpid()}\n"
+    with open(os.path.join(folder, f"{os.getpid()}.log"), "a") as log:
+        log.write(line)
+
+
+@shared_task(bind=True, max_retries=None)
+def soak_step(self, fail_times=0, pause=0.0, retry_countdown=1, max_retries=3):
+    """Logs the run; fails and retries ``fail_times`` times (in ``retry_countdown`` s), then
+    succeeds; ends in FAILURE when that needs more than ``max_retries`` retries."""
+    _log_run(self.request.id, self.request.retries)
+    if pause:
+        time.sleep(pause)
+    if self.request.retries < fail_times:
+        raise self.retry(
+            exc=RuntimeError(f"attempt {self.request.retries} failed"),
+            countdown=retry_countdown,
+            max_retries=max_retries,
+        )
+    return self.request.retries
+
+
+@shared_task(bind=True)
+def soak_size(self, data):
+    """Logs the run and returns the length of ``data`` (large arguments)."""
+    _log_run(self.request.id, self.request.retries)
+    return len(data)

@@ -40,10 +40,8 @@ class Command(BaseCommand):
         )
         write_rows(self, "Stale scheduled tasks:", rows, options["json"])
         if options["resend"] and rows:
-            claimed = list(
-                stale.filter(task_id__in=[row["task_id"] for row in rows]).values(
-                    *scheduling.CLAIM_COLUMNS, "scheduled_id"
-                )
+            claimed = scheduling.claimed_values(
+                stale.filter(task_id__in=[row["task_id"] for row in rows]), "scheduled_id"
             )
             outcome = scheduling.resend_stale(current_app, claimed)
             self.stderr.write(

@@ -5,7 +5,7 @@ import threading
 from typing import Any
 
 from celery import current_app
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from django_celery_fulldbresult import conf, db, scheduling
 
@@ -45,6 +45,8 @@ class Command(BaseCommand):
                     return
                 wait = interval if outcome.released else scheduling.seconds_until_next(cap=interval)
             except Exception as exc:  # noqa: BLE001 - database down: keep trying
+                if options["once"]:  # one run asked for: report it, never loop
+                    raise CommandError(f"run_scheduler: {exc!r}") from exc
                 self.stderr.write(f"run_scheduler: {exc!r}; retrying in {interval}s")
                 db.close_quietly(db.task_db_alias())
                 wait = interval

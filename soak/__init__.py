@@ -1,0 +1,1 @@
+"""Soak and fault-injection suite (issue 5): ``python -m soak`` or ``make soak``."""
