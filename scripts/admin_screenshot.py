@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,7 +39,7 @@ OUTPUT = ROOT / "admin_screenshot.png"
 PYTHON = sys.executable
 USERNAME, PASSWORD = "admin", "admin-screenshot"
 CHANGELIST = "/admin/django_celery_fulldbresult/taskresultmeta/"
-VIEWPORT = {"width": 1600, "height": 900}
+VIEWPORT = {"width": 1920, "height": 1080}
 TIMEOUT = 60  # seconds for the worker, a task or the server
 
 # The script always runs on its own SQLite file and broker folder.
@@ -101,8 +102,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_tasks() -> None:
-    """Send the demo project's tasks and wait until each reached the state it is meant to show."""
+def run_tasks() -> str:
+    """Send the demo project's tasks and wait until each reached the state it is meant to show.
+
+    Returns the id of a failed task that succeeds when retried.
+    """
     from django_celery_fulldbresult.models import TaskResultMeta
     from django_celery_fulldbresult.scheduling import cancel_scheduled
     from testproject.demo import tasks
@@ -132,6 +136,8 @@ def run_tasks() -> None:
         tasks.read_file.delay("/srv/exports/report-2026-11.csv"),
         tasks.fail.delay("timeout talking to the payment provider"),
     ]
+    export = VAR_DIR / "exports" / "report-2026-11.csv"
+    recoverable = tasks.read_file.delay(str(export))
     running = tasks.sleep.delay(3600)
     waiting = [
         tasks.add.apply_async((5, 5), countdown=3600),
@@ -141,8 +147,10 @@ def run_tasks() -> None:
     nobody = tasks.add.apply_async((1, 1), queue="nobody")  # no worker reads it: PENDING
     for result in done:
         settle(result, "SUCCESS")
-    for result in failed:
+    for result in [*failed, recoverable]:
         settle(result, "FAILURE")
+    export.parent.mkdir()
+    export.write_text("month,total\n2026-11,1234\n")  # the retry finds it
     settle(running, "STARTED")
     for result in waiting:
         settle(result, "SCHEDULED")
@@ -151,25 +159,47 @@ def run_tasks() -> None:
     settle(cancelled, "REVOKED")
     settle(nobody, "PENDING")
     say(f"{TaskResultMeta.objects.count()} task rows")
+    return recoverable.id
 
 
-def screenshot(base_url: str) -> None:
+def retry_in_admin(page: Any, task_id: str) -> None:
+    """Retry a failed task with the admin's action, then wait for its copy to succeed."""
+    from django_celery_fulldbresult.models import TaskResultMeta
+
+    page.goto(f"{CHANGELIST}?q={task_id}")
+    page.locator("#result_list input.action-select").check()
+    page.select_option("select[name=action]", "retry_tasks")
+    page.locator("button[name=index]").click()
+    page.get_by_role("button", name=re.compile(r"^Yes,")).click()
+    page.wait_for_url(re.compile(f"{CHANGELIST}[?]"))  # the action redirects to the same list
+    wait_for(
+        lambda: TaskResultMeta.objects.filter(retried_from=task_id, status="SUCCESS").exists(),
+        f"the copy of {task_id} to succeed",
+    )
+
+
+def screenshot(base_url: str, retried: str) -> None:
     from playwright.sync_api import sync_playwright
 
     from testproject import browser as chromium
 
+    # Playwright's sync API runs an asyncio loop in this thread; the ORM calls made
+    # meanwhile are ordinary blocking calls, which Django would otherwise refuse here.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
     with sync_playwright() as playwright:
         browser = chromium.launch(playwright)
         try:
-            page = browser.new_page(viewport=VIEWPORT)
+            page = browser.new_page(viewport=VIEWPORT, base_url=base_url)
             # The admin's navigation sidebar, closed, leaves the table its full width.
             page.add_init_script("localStorage.setItem('django.admin.navSidebarIsOpen', 'false')")
             page.set_default_timeout(TIMEOUT * 1000)
-            page.goto(f"{base_url}/admin/login/?next={CHANGELIST}")
+            page.goto(f"/admin/login/?next={CHANGELIST}")
             page.fill("#id_username", USERNAME)
             page.fill("#id_password", PASSWORD)
             page.locator("#login-form [type=submit]").click()
             page.wait_for_url(f"**{CHANGELIST}")
+            retry_in_admin(page, retried)
+            page.goto(CHANGELIST)
             page.screenshot(path=str(OUTPUT), full_page=True)
         finally:
             browser.close()
@@ -204,12 +234,12 @@ def main() -> int:
     try:
         with process(worker, VAR_DIR / "worker.log"):
             say("worker started; running tasks")
-            run_tasks()
+            retried = run_tasks()
             with process(server, VAR_DIR / "server.log") as proc:
                 wait_for(lambda: proc.poll() is not None or _responds(base_url), "runserver")
                 if proc.poll() is not None:
                     raise RuntimeError(f"runserver exited; see {VAR_DIR / 'server.log'}")
-                screenshot(base_url)
+                screenshot(base_url, retried)
     except Exception as exc:  # noqa: BLE001 (reported with the logs to look at)
         say(f"failed: {exc!r} (logs in {VAR_DIR})")
         return 1

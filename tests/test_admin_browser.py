@@ -119,24 +119,23 @@ def test_operator_retries_a_failed_task_and_sees_the_copy_succeed(page, superuse
     confirm = page.get_by_role("button", name=re.compile(r"^Yes,"))
     assert confirm.count() == 1
     assert page.locator("input[type=hidden][name=post][value=yes]").count() == 1
-    assert failed.task_id in page.locator("#content").inner_text()
+    assert failed.task_id in page.locator("#content").text_content()
     assert TaskResultMeta.objects.filter(task=tasks.read_file.name).count() == 1
 
     # Confirm: back on the changelist with a message about this row.
     confirm.click()
     page.wait_for_url(re.compile(CHANGELIST))
-    messages = page.locator("ul.messagelist").inner_text()
+    messages = page.locator("ul.messagelist").text_content()
     assert failed.task_id in messages
 
     # The copy runs on the worker and succeeds; the original row is left as it was.
     copy = wait_for(
-        lambda: (
-            TaskResultMeta.objects.filter(task=tasks.read_file.name, status=states.SUCCESS)
-            .exclude(pk=failed.pk)
-            .first()
-        )
+        lambda: TaskResultMeta.objects.filter(
+            retried_from=failed.task_id, status=states.SUCCESS
+        ).first()
     )
-    assert copy.get_call() == failed.get_call()
+    assert copy.task_id in messages
+    assert (copy.task, copy.get_call()) == (failed.task, failed.get_call())
     assert copy.get_result() == "fixed"
     failed.refresh_from_db()
     assert failed.status == states.FAILURE
@@ -150,6 +149,12 @@ def test_operator_retries_a_failed_task_and_sees_the_copy_succeed(page, superuse
     row = result_row(page, copy.task_id)
     assert row.count() == 1
     assert "SUCCESS" in row.inner_text().upper()
+
+    # The original's detail page links to its copy, and the copy's back to it.
+    page.goto(f"{CHANGELIST}{failed.pk}/change/")
+    page.locator(".field-lineage a", has_text=copy.task_id).click()
+    page.wait_for_url(re.compile(rf"{CHANGELIST}{copy.pk}/"))
+    assert failed.task_id in page.locator(".field-lineage").text_content()
 
 
 def test_staff_without_the_permission_is_not_offered_retry_and_cannot_post_it(
@@ -178,6 +183,6 @@ def test_staff_without_the_permission_is_not_offered_retry_and_cannot_post_it(
     result_row(page, failed.task_id).locator("input.action-select").check()
     page.locator("button[name=index]").click()
     page.wait_for_url(re.compile(CHANGELIST))
-    assert "No action selected" in page.locator("ul.messagelist").inner_text()
+    assert "No action selected" in page.locator("ul.messagelist").text_content()
     assert page.get_by_role("button", name=re.compile(r"^Yes,")).count() == 0
     assert TaskResultMeta.objects.filter(task=tasks.fail.name).count() == 1
