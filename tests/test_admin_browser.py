@@ -2,7 +2,8 @@
 
 An operator logs in, filters by state, opens a failed task, retries it, confirms, and
 sees the copy succeed through the worker; a staff user without the retry permission
-is offered no Retry action and cannot post it either.
+is offered no Retry action and cannot post it either; hostile HTML in a task's
+arguments, result or traceback is shown as text and never runs.
 """
 
 from __future__ import annotations
@@ -189,3 +190,27 @@ def test_staff_without_the_permission_is_not_offered_retry_and_cannot_post_it(
     assert "No action selected" in page.locator("ul.messagelist").text_content()
     assert page.get_by_role("button", name=re.compile(r"^Yes,")).count() == 0
     assert TaskResultMeta.objects.filter(task=tasks.fail.name).count() == 1
+
+
+HOSTILE = '<script>window.pwned = "script"</script><img src=x onerror="window.pwned = \'img\'">'
+#: Elements of the page that came from HOSTILE (the admin's own scripts do not mention it).
+INJECTED_ELEMENTS = """() => [...document.querySelectorAll("script, img")]
+    .filter(element => element.outerHTML.includes("pwned")).length"""
+
+
+def test_hostile_arguments_results_and_tracebacks_are_shown_as_text(page, superuser):
+    echoed = finished(tasks.echo.delay(HOSTILE, note=HOSTILE))
+    failed = finished(tasks.fail.delay(HOSTILE))
+    assert (echoed.status, failed.status) == (states.SUCCESS, states.FAILURE)
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+
+    log_in(page, "root")
+    for row in (echoed, failed):
+        page.goto(f"{CHANGELIST}{row.pk}/change/")
+        page.wait_for_load_state("load")  # an injected <img> would have fired onerror by now
+        text = page.locator("#content").inner_text()
+        assert "<script>" in text  # shown as text, in the arguments or the traceback
+        assert page.evaluate(INJECTED_ELEMENTS) == 0
+        assert page.evaluate("window.pwned") is None
+    assert dialogs == []
