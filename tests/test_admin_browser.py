@@ -61,11 +61,15 @@ def staff_without_retry(django_user_model):
 
 
 def finished(result) -> TaskResultMeta:
-    """Wait until the worker has stored a final state for ``result``."""
+    """Wait until the worker has stored a final state for ``result``.
+
+    A bound, not a timing: the first task of a run also waits for a cold worker.
+    """
     return wait_for(
         lambda: TaskResultMeta.objects.filter(
             task_id=result.id, status__in=states.READY_STATES
-        ).first()
+        ).first(),
+        timeout=60,
     )
 
 
@@ -136,7 +140,8 @@ def test_operator_retries_a_failed_task_and_sees_the_copy_succeed(page, superuse
     copy = wait_for(
         lambda: TaskResultMeta.objects.filter(
             retried_from=failed.task_id, status=states.SUCCESS
-        ).first()
+        ).first(),
+        timeout=60,
     )
     assert copy.task_id in messages
     assert (copy.task, copy.get_call()) == (failed.task, failed.get_call())
