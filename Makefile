@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-services test-matrix bench soak soak-small lint services clean
+.PHONY: venv demo test test-services test-matrix bench soak soak-small lint services screenshot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test-services: venv
 ## Other Django/Python versions (Django 4.2 on 3.10, 6.0 on 3.12).
 test-matrix:
 	bash scripts/matrix.sh
+
+## admin_screenshot.png (shown in the README): demo data, the admin in headless Chromium.
+screenshot: venv
+	$(PY) scripts/admin_screenshot.py
 
 ## Every benchmark, side by side with the peers; writes BENCHMARKS.md (about 10 min).
 bench: venv

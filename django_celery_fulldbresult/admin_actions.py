@@ -111,10 +111,12 @@ def report(modeladmin, request, summary: str, lines: list[Line]) -> None:
     """One message per row (the first ``LISTED``), then a summary."""
     for line in lines[:LISTED]:
         level = messages.SUCCESS if line.ok else messages.WARNING
+        # Ids in <code>: the admin template capitalises a message's first letter, which
+        # would show "f25..." as "F25...", an id that does not exist.
         if line.link_id:
             url = modeladmin.changelist_url(q=line.link_id)
             text = format_html(
-                '{} ({}): {} <a href="{}">{}</a>',
+                '<code>{}</code> ({}): {} <a href="{}"><code>{}</code></a>',
                 line.task_id,
                 line.task,
                 line.text,
@@ -122,7 +124,7 @@ def report(modeladmin, request, summary: str, lines: list[Line]) -> None:
                 line.link_id,
             )
         else:
-            text = format_html("{} ({}): {}", line.task_id, line.task, line.text)
+            text = format_html("<code>{}</code> ({}): {}", line.task_id, line.task, line.text)
         modeladmin.message_user(request, text, level)
     if len(lines) > LISTED:
         summary += " " + _("(%(count)d more not listed)") % {"count": len(lines) - LISTED}

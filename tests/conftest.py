@@ -21,6 +21,8 @@ from django.db import connections
 
 REPO = Path(__file__).resolve().parents[1]
 STACK = os.environ.get("FULLDB_STACK", "sqlite")
+#: Under CI a missing browser fails the browser tests instead of skipping them.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 #: Prefix of every queue a test uses, so that concurrent runs sharing a broker stay apart.
 QUEUE_PREFIX = os.environ.get("FULLDB_QUEUE", "celery")
 
@@ -220,6 +222,34 @@ def worker_processes(django_db_setup, tmp_path, celery_app) -> Iterator[WorkerPr
         yield procs
     finally:
         procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """Headless Chromium (Debian's package) driven by Playwright, one per test module.
+
+    Playwright's sync API keeps an asyncio loop running in this thread, which makes
+    Django refuse ORM calls here (SynchronousOnlyOperation) although they are plain
+    blocking calls: DJANGO_ALLOW_ASYNC_UNSAFE lifts that while the browser lives, and
+    the module scope keeps it away from the other test modules.
+    """
+    from testproject import browser as chromium
+
+    problem = chromium.missing()
+    if problem:
+        if IN_CI:
+            pytest.fail(f"browser tests cannot run under CI: {problem}", pytrace=False)
+        pytest.skip(problem)
+    from playwright.sync_api import sync_playwright
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+        with sync_playwright() as playwright:
+            instance = chromium.launch(playwright)
+            try:
+                yield instance
+            finally:
+                instance.close()
 
 
 @pytest.fixture

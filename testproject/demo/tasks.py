@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 from celery import shared_task
 
@@ -27,6 +28,12 @@ def noop():
 @shared_task
 def fail(message="boom"):
     raise ValueError(message)
+
+
+@shared_task
+def read_file(path):
+    """Fails while ``path`` does not exist: retried from the admin once it does."""
+    return Path(path).read_text()
 
 
 @shared_task(bind=True, max_retries=3, default_retry_delay=0)
