@@ -29,7 +29,11 @@ run_pair() { # python-version django-spec [celery-spec]
   "$venv/bin/python" -m pip install -q --upgrade pip
   "$venv/bin/python" -m pip install -q -e '.[test]' "Django$django" "celery$celery"
   "$venv/bin/python" -c 'import django, celery; print("Django", django.get_version(), "Celery", celery.__version__)'
-  FULLDB_VAR_DIR="$PWD/testproject/var/py$py" "$venv/bin/python" -m pytest -q -p no:cacheprovider
+  # FULLDB_MATRIX_ARGS: extra pytest arguments (CI passes -m 'not slow': the slow
+  # concurrency tests run on the main Python against all three stacks).
+  eval "set -- ${FULLDB_MATRIX_ARGS:-}"
+  FULLDB_VAR_DIR="$PWD/testproject/var/py$py" FULLDB_DB_NAME="fulldb_py${py/./}" \
+    FULLDB_QUEUE="py${py/./}" "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
 }
 
 run_pair 3.10 '>=4.2,<5.0' '>=5.4,<5.5'

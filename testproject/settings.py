@@ -109,6 +109,8 @@ def _database() -> dict:
 
 
 DATABASES = {"default": _database()}
+# A connection that died under a long-lived worker thread is replaced at its next use.
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 
 
 def _broker() -> tuple[str, dict]:

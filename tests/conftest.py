@@ -96,7 +96,11 @@ def _purge(app, names: list[str] | None = None) -> None:
 def worker(django_db_setup, django_db_blocker, celery_app) -> Iterator[object]:
     """A real Celery worker (threads pool) consuming from the real broker in this process."""
     from celery.contrib.testing.worker import start_worker
+    from celery.signals import task_prerun
 
+    # As Django does per request: a thread's connection that died (the PostgreSQL restart
+    # test) is replaced before the next task instead of failing it (CONN_HEALTH_CHECKS).
+    task_prerun.connect(_fresh_connections, weak=False)
     _purge(celery_app)
     with (
         django_db_blocker.unblock(),
@@ -110,6 +114,17 @@ def worker(django_db_setup, django_db_blocker, celery_app) -> Iterator[object]:
         ) as running,
     ):
         yield running
+
+
+def _fresh_connections(**_: object) -> None:
+    """Only in the in-thread worker's pool threads (a test's own connection may be in a
+    transaction)."""
+    import threading
+
+    from django.db import close_old_connections
+
+    if threading.current_thread() is not threading.main_thread():
+        close_old_connections()
 
 
 class WorkerProcesses:

@@ -458,6 +458,10 @@ def stop(procs, sig=None):
         proc.wait(30)
 
 
+#: The subprocess workers' own queue: the in-thread ``worker`` of other tests (session
+#: scoped) consumes the default queue and must not take these tasks.
+RUNNER = queue_name("runner")
+
 #: kombu's filesystem broker lists its folder for every message (quadratic in the
 #: backlog), so the embedded stack runs the same scenario at a tenth of the size.
 CONCURRENT_TASKS = 2_000 if STACK == "sqlite" else 20_000
@@ -466,8 +470,8 @@ CONCURRENT_TASKS = 2_000 if STACK == "sqlite" else 20_000
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_four_concurrent_senders_send_20000_tasks_exactly_once(worker_processes, tmp_path):
-    ids = make_due(CONCURRENT_TASKS)
-    worker_processes.start("runner", pool="prefork", concurrency=2)
+    ids = make_due(CONCURRENT_TASKS, RUNNER)
+    worker_processes.start("runner", pool="prefork", concurrency=2, queues=RUNNER)
     senders = start_senders(tmp_path, 4, ("--batch-size=250",))
     try:
         wait_for(lambda: Run.objects.filter(task_id__in=ids).count() >= len(ids), 800, 1.0)
@@ -487,8 +491,8 @@ def test_sender_killed_mid_batch_never_duplicates(worker_processes, tmp_path, ce
     either ran once or is still claimed and reported by get_stale_scheduled_tasks."""
     import signal
 
-    ids = make_due(3000)
-    worker_processes.start("runner", pool="prefork", concurrency=2)
+    ids = make_due(3000, RUNNER)
+    worker_processes.start("runner", pool="prefork", concurrency=2, queues=RUNNER)
     [sender] = start_senders(tmp_path, 1, ("--batch-size=3000",))
     wait_for(lambda: Run.objects.filter(task_id__in=ids).exists(), 60)
     stop([sender], signal.SIGKILL)
