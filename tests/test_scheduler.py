@@ -509,6 +509,9 @@ def test_sender_killed_mid_batch_never_duplicates(worker_processes, tmp_path, ce
         wait_for(lambda: rows.exclude(status=states.SUCCESS).count() == stale.count(), 300, 0.5)
     finally:
         stop([again])
+    # The live sender's own fresh claims (it claims the next batch ahead) also count as
+    # stale with a zero delta: once it stopped, wait for what it sent to finish.
+    wait_for(lambda: rows.exclude(status=states.SUCCESS).count() == stale.count(), 60, 0.5)
     ran = set(Run.objects.filter(task_id__in=ids).values_list("task_id", flat=True))
     left = set(stale.values_list("task_id", flat=True))
     assert duplicates(ids) == []
