@@ -276,3 +276,19 @@ def task_db():
     connection = connections[alias]
     connection.ensure_connection()
     return connection
+
+
+def take_messages(app, queue: str) -> list:
+    """Every message left in ``queue``, taken off it (what was really published)."""
+    taken = []
+    with app.connection_for_read() as conn:
+        simple = conn.SimpleQueue(queue, accept=["json", "pickle"])
+        while True:
+            try:
+                message = simple.get(timeout=1)
+            except simple.Empty:
+                break
+            message.ack()
+            taken.append(message)
+        simple.close()
+    return taken

@@ -21,7 +21,7 @@ from django_celery_fulldbresult.models import TaskResultMeta
 from testproject.demo import tasks
 from testproject.demo.models import Run
 
-from .conftest import queue_name, wait_for
+from .conftest import queue_name, take_messages, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -74,19 +74,7 @@ def texts(response) -> list[str]:
 
 
 def held_messages(app, queue: str = HELD) -> list:
-    """Every message left in ``queue``, taken off it (what was really published)."""
-    taken = []
-    with app.connection_for_read() as conn:
-        simple = conn.SimpleQueue(queue, accept=["json", "pickle"])
-        while True:
-            try:
-                message = simple.get(timeout=1)
-            except simple.Empty:
-                break
-            message.ack()
-            taken.append(message)
-        simple.close()
-    return taken
+    return take_messages(app, queue)
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from django_celery_fulldbresult import publish, records
 from django_celery_fulldbresult.models import TaskResultMeta
 from testproject.demo import tasks
 
-from .conftest import STACK, queue_name, requires_server_db
+from .conftest import STACK, queue_name, requires_server_db, take_messages
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -24,19 +24,8 @@ NOBODY = queue_name("nobody")  # no test worker consumes it: its tasks stay PEND
 
 
 def drain(app, queue: str = NOBODY) -> list:
-    """Take every message left in ``queue`` (proves what was really sent)."""
-    bodies = []
-    with app.connection_for_read() as conn:
-        simple = conn.SimpleQueue(queue, accept=["json", "pickle"])
-        while True:
-            try:
-                message = simple.get(timeout=1)
-            except simple.Empty:
-                break
-            bodies.append(message.headers["id"])
-            message.ack()
-        simple.close()
-    return bodies
+    """The ids of every message left in ``queue`` (proves what was really sent)."""
+    return [message.headers["id"] for message in take_messages(app, queue)]
 
 
 def test_pending_row_holds_everything_needed_to_resend(celery_app):
