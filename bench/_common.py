@@ -366,26 +366,10 @@ def finish(name: str, result: dict[str, Any], json_out: str | None) -> None:
         Path(json_out).write_text(json.dumps(result, indent=2, default=str))
 
 
-def worker_command(queue: str, node: str, concurrency: int, *extra: str) -> list[str]:
-    """A prefork ``celery worker`` of the test project on ``queue`` (one place for both benches)."""
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "testproject",
-        "worker",
-        "-P",
-        "prefork",
-        "-c",
-        str(concurrency),
-        "-Q",
-        queue,
-        "-n",
-        node,
-        # No chatter with other workers on the same RabbitMQ (and no 1 s mingle wait).
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-        *extra,
-    ]
+def worker_command(
+    queue: str, node: str, concurrency: int, *extra: str, loglevel: str = "WARNING"
+) -> list[str]:
+    """A prefork ``celery worker`` of the test project on ``queue``, without heartbeats."""
+    from testproject.workers import worker_command as command
+
+    return command(node, queue, "prefork", concurrency, loglevel, ("--without-heartbeat", *extra))

@@ -82,7 +82,7 @@ UNTRACKED_CONFIGS = [Config("ours", "", False), Config("ours", "1000", False)]
 
 
 def worker_command(node: str) -> list[str]:
-    return _common.worker_command(_common.QUEUE, node, 2, "--loglevel=WARNING")
+    return _common.worker_command(_common.QUEUE, node, 2)
 
 
 # -- worker process ---------------------------------------------------------

@@ -271,14 +271,16 @@ def node_name() -> str:
     return f"{NODE_PREFIX}-{os.getpid()}@127.0.0.1"
 
 
-def worker_command(concurrency: int, *extra: str) -> list[str]:
-    return _common.worker_command(QUEUE, node_name(), concurrency, *extra)
+def worker_command(concurrency: int, *extra: str, loglevel: str = "WARNING") -> list[str]:
+    return _common.worker_command(QUEUE, node_name(), concurrency, *extra, loglevel=loglevel)
 
 
-def new_worker(label: str, concurrency: int, env: dict[str, str], *extra: str) -> Child:
+def new_worker(
+    label: str, concurrency: int, env: dict[str, str], *extra: str, loglevel: str = "WARNING"
+) -> Child:
     return Child(
         "worker",
-        worker_command(concurrency, *extra),
+        worker_command(concurrency, *extra, loglevel=loglevel),
         env,
         VAR_DIR / f"{label}-worker.log",
         NODE_PREFIX,
@@ -570,7 +572,6 @@ def memory_mode(app, mode: str, tasks: int, publishers: int, timeout: float) -> 
         f"memory-{mode}",
         1,
         child_env(**extra),
-        "--loglevel=WARNING",
         "--prefetch-multiplier",
         str(PREFETCH_MULTIPLIER),
     )
@@ -698,9 +699,7 @@ def memory_section(result: dict, publishers: int) -> dict:
             "reported every message unacknowledged, for native ETA)",
             "worker: `"
             + " ".join(
-                worker_command(
-                    1, "--prefetch-multiplier", str(PREFETCH_MULTIPLIER), "--loglevel=WARNING"
-                )[1:]
+                worker_command(1, "--prefetch-multiplier", str(PREFETCH_MULTIPLIER))[1:]
             ).replace(node_name(), f"{NODE_PREFIX}-PID@127.0.0.1")
             + "`: prefetch_count 65535 (the AMQP maximum: `--prefetch-multiplier 100000` "
             "stops the worker with `struct.error` in basic_qos); every ETA task received "
@@ -957,7 +956,7 @@ def measure_lateness(app, count: int, spread: tuple[float, float], timeout: floa
     publish_log = VAR_DIR / "lateness-sender-published.json"
     publish_log.unlink(missing_ok=True)
     env = child_env(FULLDB_SCHEDULE_ETA="1")
-    worker = new_worker("lateness", 2, env, "--loglevel=INFO")
+    worker = new_worker("lateness", 2, env, loglevel="INFO")
     sender = Child(
         "sender",
         [sys.executable, __file__, "--role", "sender", "--publish-log", str(publish_log)],

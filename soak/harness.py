@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testproject.workers import worker_command
+
 REPO = Path(__file__).resolve().parent.parent
 TASK = "testproject.demo.tasks.soak_step"
 
@@ -174,25 +176,7 @@ def start_worker(
     concurrency: int = 2,
     **env: str,
 ) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "testproject",
-        "worker",
-        "-P",
-        pool,
-        "-c",
-        str(concurrency),
-        "-n",
-        f"{name}@%h",
-        "-Q",
-        ctx.queue,
-        "--loglevel=INFO",
-        "--without-mingle",
-        "--without-gossip",
-    ]
+    cmd = worker_command(f"{name}@%h", ctx.queue, pool, concurrency)
     full_env = ctx.env(FULLDB_RUN_LOG=str(folder / "runs"), **env)
     (folder / "runs").mkdir(exist_ok=True)
     proc = _spawn(ctx, cmd, folder / f"{name}.log", full_env)

@@ -11,13 +11,14 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from django.db import connections
+
+from testproject.workers import worker_command
 
 REPO = Path(__file__).resolve().parents[1]
 STACK = os.environ.get("FULLDB_STACK", "sqlite")
@@ -144,26 +145,8 @@ class WorkerProcesses:
         env: dict[str, str] | None = None,
         extra: tuple[str, ...] = (),
     ) -> subprocess.Popen:
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "testproject",
-            "worker",
-            "-P",
-            pool,
-            "-c",
-            str(concurrency),
-            "-n",
-            f"{name}@%h",
-            "--loglevel=INFO",
-            "--without-mingle",
-            "--without-gossip",
-            *extra,
-        ]
+        cmd = worker_command(f"{name}@%h", queues, pool, concurrency, extra=extra)
         if queues:
-            cmd += ["-Q", queues]
             _purge(self.app, queues.split(","))
         full_env = {
             **os.environ,
