@@ -549,7 +549,6 @@ def _mark(using: str, ids: list[int], token: uuid.UUID, **changes: Any) -> int:
 
 
 def _fail(using: str, row: dict[str, Any], token: uuid.UUID, error: BaseException) -> None:
-    logger.error("scheduled task %s (%s) cannot be sent: %r", row["task_id"], row["task"], error)
     _mark(
         using,
         [row["id"]],
@@ -571,9 +570,90 @@ def _fail(using: str, row: dict[str, Any], token: uuid.UUID, error: BaseExceptio
 class _Published:
     sent: list[int]
     unsent: list[int]
-    failed: int
+    #: Rows that cannot be sent (undecodable) and why: recorded as FAILURE with the batch.
+    failures: list[tuple[dict[str, Any], BaseException]] = field(default_factory=list)
     #: Published, but the broker's confirm never came: they stay claimed (reported stale).
     unconfirmed: list[int] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+
+@dataclass
+class _Unsettled:
+    """A batch whose claim or record may not have reached the database (it was down)."""
+
+    token: uuid.UUID
+    #: Published and confirmed: to become SCHEDULED_SENT.
+    sent: list[int] = field(default_factory=list)
+    #: Published, never confirmed: stay claimed (reported stale, as after a crash).
+    keep: list[int] = field(default_factory=list)
+
+
+class _Ledger:
+    """Batches this process could not record, settled once the database answers again.
+
+    A claim whose answer was lost (the connection dropped at COMMIT) or a record that failed
+    leaves rows claimed by our token. Every one of them that was not published is given back,
+    by token; without this, a database outage would strand them until an operator resends.
+    It lives as long as the process: a sender killed meanwhile leaves them reported stale.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._batches: list[_Unsettled] = []
+
+    def add(self, batch: _Unsettled) -> None:
+        with self._lock:
+            self._batches.append(batch)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._batches)
+
+    def settle(self, using: str) -> tuple[int, int]:
+        """Record every pending batch, oldest first; (sent, released). Raises if the
+        database is still down (what is left stays for the next call)."""
+        sent = released = 0
+        while True:
+            with self._lock:
+                if not self._batches:
+                    break
+                batch = self._batches[0]
+            sent += _mark(using, batch.sent, batch.token, status=SCHEDULED_SENT)
+            released += (
+                _scheduled_rows(using)
+                .filter(scheduled_id=batch.token)
+                .exclude(id__in=batch.sent + batch.keep)
+                .update(scheduled_id=None, date_claimed=None, date_modified=timezone.now())
+            )
+            with self._lock:
+                self._batches.remove(batch)
+        if sent or released:
+            logger.warning(
+                "scheduler: the database is back; %d forwarded tasks recorded as sent, %d "
+                "claimed but unsent tasks released",
+                sent,
+                released,
+            )
+        return sent, released
+
+
+_unsettled = _Ledger()
+
+
+def settle_unrecorded(using: str | None = None) -> tuple[int, int]:
+    """Record what a database outage kept this process from recording; (sent, released).
+
+    ``forward_due`` calls it first; ``run_scheduler`` also calls it before exiting.
+    """
+    return _unsettled.settle(using or db.task_db_alias())
+
+
+def unrecorded_batches() -> int:
+    """How many batches this process still has to record (see ``settle_unrecorded``)."""
+    return len(_unsettled)
 
 
 class _Confirms:
@@ -661,15 +741,19 @@ def _sender(app: Any) -> Iterator[_Sender]:
 def _publish(
     app: Any, sender: _Sender, rows: list[dict[str, Any]], using: str, token: uuid.UUID
 ) -> _Published:
-    """Publish claimed rows in order, until the broker fails; collect what it confirmed."""
-    failed = 0
+    """Publish claimed rows in order, until the broker fails; collect what it confirmed.
+
+    No SQL here: the caller records the outcome (in the pipelined sender, on the database
+    thread, so that a dead connection never sits on the publishing thread).
+    """
+    failures: list[tuple[dict[str, Any], BaseException]] = []
     pending = list(rows)
     producer = sender.producer
     try:
         confirms = sender.confirms
     except Exception as exc:  # noqa: BLE001 - broker down: give everything back
         logger.error("scheduler: cannot reach the broker (%r); %d rows released", exc, len(rows))
-        return _Published([], [row["id"] for row in rows], 0)
+        return _Published([], [row["id"] for row in rows])
     try:
         declarations = _Declarations(app, producer)
         sent_event = bool(app.conf.task_send_sent_event)
@@ -679,8 +763,13 @@ def _publish(
                 try:
                     args, kwargs, options = send_kwargs(row, app)
                 except Exception as exc:  # noqa: BLE001 - a bad row must not stop the rest
-                    _fail(using, row, token, exc)
-                    failed += 1
+                    logger.error(
+                        "scheduled task %s (%s) cannot be sent: %r",
+                        row["task_id"],
+                        row["task"],
+                        exc,
+                    )
+                    failures.append((row, exc))
                     pending.pop(0)
                     continue
                 if confirms.enabled:
@@ -715,19 +804,24 @@ def _publish(
         )
     if refused:
         logger.error("scheduler: the broker refused %d tasks; released", len(refused))
-    return _Published(confirmed, refused + [row["id"] for row in pending], failed, unconfirmed)
+    return _Published(confirmed, refused + [row["id"] for row in pending], failures, unconfirmed)
 
 
 def _record(using: str, token: uuid.UUID, published: _Published) -> int:
-    """Mark sent rows SCHEDULED_SENT and release the unsent ones; return how many were released.
+    """Mark sent rows SCHEDULED_SENT, failed ones FAILURE, release the unsent ones; return how
+    many were released. A row the worker already moved on (STARTED, SUCCESS) is left as it is.
 
-    A row the worker already moved on (STARTED, SUCCESS) is left as it is.
+    If the database fails, the batch goes to the ledger (``settle_unrecorded``) and the error
+    is raised.
     """
     try:
         _mark(using, published.sent, token, status=SCHEDULED_SENT)
-    finally:
-        released = _mark(using, published.unsent, token, scheduled_id=None, date_claimed=None)
-    return released
+        for row, error in published.failures:
+            _fail(using, row, token, error)
+        return _mark(using, published.unsent, token, scheduled_id=None, date_claimed=None)
+    except Exception:
+        _unsettled.add(_Unsettled(token, published.sent, published.unconfirmed))
+        raise
 
 
 def _outcome(claimed: int, published: _Published, released: int) -> PassResult:
@@ -738,8 +832,7 @@ def _outcome(claimed: int, published: _Published, released: int) -> PassResult:
 
 def publish_rows(app: Any, rows: list[dict[str, Any]], using: str, token: uuid.UUID) -> PassResult:
     """Publish claimed rows on one broker connection; record what happened to each."""
-    published = _Published([], [row["id"] for row in rows], 0)
-    released = 0
+    published = _Published([], [row["id"] for row in rows])
     try:
         with _sender(app) as sender:
             published = _publish(app, sender, rows, using, token)
@@ -754,10 +847,19 @@ def run_pass(app: Any, batch_size: int | None = None, using: str | None = None) 
     batch_size = batch_size or int(conf.get("SCHEDULER_BATCH_SIZE"))
     expired = expire_due(using)
     token = uuid.uuid4()
-    rows = claim(using, token, batch_size)
+    rows = _claim_or_remember(using, token, batch_size)
     outcome = publish_rows(app, rows, using, token) if rows else PassResult()
     outcome.expired = expired
     return outcome
+
+
+def _claim_or_remember(using: str, token: uuid.UUID, batch_size: int) -> list[dict[str, Any]]:
+    """``claim``; if it fails, the claim may still have committed: the ledger gives it back."""
+    try:
+        return claim(using, token, batch_size)
+    except Exception:
+        _unsettled.add(_Unsettled(token))
+        raise
 
 
 def _add(total: PassResult, outcome: PassResult) -> None:
@@ -780,6 +882,7 @@ def forward_due(
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     total = PassResult()
     if connections[using].in_atomic_block:
+        settle_unrecorded(using)
         while True:
             outcome = run_pass(app, batch_size, using)
             _add(total, outcome)
@@ -787,8 +890,10 @@ def forward_due(
                 return total
             if deadline is not None and time.monotonic() > deadline:
                 return total
-    with _DatabaseThread(using) as database, _sender(app) as sender:
-        _forward_pipelined(app, sender, database, using, batch_size, deadline, total)
+    with _DatabaseThread(using) as database:
+        database.submit(settle_unrecorded, using).result()
+        with _sender(app) as sender:
+            _forward_pipelined(app, sender, database, using, batch_size, deadline, total)
     return total
 
 
@@ -801,22 +906,25 @@ def _forward_pipelined(
     deadline: float | None,
     total: PassResult,
 ) -> None:
-    def claim_batch() -> tuple[int, uuid.UUID, list[dict[str, Any]]]:
-        token = uuid.uuid4()
-        expired = expire_due(using)
-        return expired, token, claim(using, token, batch_size)
+    def claim_batch(token: uuid.UUID) -> tuple[int, list[dict[str, Any]]]:
+        return expire_due(using), _claim_or_remember(using, token, batch_size)
 
-    next_claim: Future | None = database.submit(claim_batch)
+    def claim_ahead() -> tuple[uuid.UUID, Future]:
+        token = uuid.uuid4()
+        return token, database.submit(claim_batch, token)
+
+    ahead: tuple[uuid.UUID, Future] | None = claim_ahead()
     records: list[tuple[Future, int, _Published]] = []
     try:
-        while next_claim is not None:
-            expired, token, rows = next_claim.result()
-            next_claim = None
+        while ahead is not None:
+            token, claimed = ahead
+            ahead = None
+            expired, rows = claimed.result()
             total.expired += expired
             if not rows:
                 break
             if deadline is None or time.monotonic() <= deadline:
-                next_claim = database.submit(claim_batch)  # overlaps the publishing below
+                ahead = claim_ahead()  # overlaps the publishing below
             published = _publish(app, sender, rows, using, token)
             recorded = database.submit(_record, using, token, published)
             records.append((recorded, len(rows), published))
@@ -824,16 +932,49 @@ def _forward_pipelined(
                 # The broker failed: stop, and give back what we claimed ahead.
                 break
     finally:
-        if next_claim is not None:
-            # Claimed ahead but not tried: give it back at once.
-            expired, token, rows = next_claim.result()
-            total.expired += expired
-            total.claimed += len(rows)
-            total.released += _mark(
-                using, [row["id"] for row in rows], token, scheduled_id=None, date_claimed=None
+        error = _finish_pipeline(database, using, ahead, records, total)
+    if error is not None:
+        raise error
+
+
+def _finish_pipeline(
+    database: _DatabaseThread,
+    using: str,
+    ahead: tuple[uuid.UUID, Future] | None,
+    records: list[tuple[Future, int, _Published]],
+    total: PassResult,
+) -> BaseException | None:
+    """Give back the batch claimed ahead and wait for every record; the first database error.
+
+    Whatever the database did not take is in the ledger by then (``_claim_or_remember``,
+    ``_record``, or here), so an error loses nothing: the next pass settles it.
+    """
+    error: BaseException | None = None
+    if ahead is not None:  # claimed ahead, never published: give it back at once
+        token, claimed = ahead
+        try:
+            expired, rows = claimed.result()
+        except Exception as exc:  # noqa: BLE001 - database down: _claim_or_remember kept it
+            expired, rows, error = 0, [], exc
+        total.expired += expired
+        total.claimed += len(rows)
+        ids = [row["id"] for row in rows]
+        try:
+            release = database.submit(
+                _mark, using, ids, token, scheduled_id=None, date_claimed=None
             )
-        for future, claimed, published in records:
-            _add(total, _outcome(claimed, published, future.result()))
+            total.released += release.result()
+        except Exception as exc:  # noqa: BLE001 - database down: the ledger gives them back
+            _unsettled.add(_Unsettled(token))
+            error = error or exc
+    for recorded, claimed_count, published in records:
+        try:
+            released = recorded.result()
+        except Exception as exc:  # noqa: BLE001 - database down: _record put it in the ledger
+            error = error or exc
+            released = 0
+        _add(total, _outcome(claimed_count, published, released))
+    return error
 
 
 class _DatabaseThread:
@@ -843,8 +984,8 @@ class _DatabaseThread:
         self.using = using
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fulldb-scheduler")
 
-    def submit(self, fn: Any, *args: Any) -> Future:
-        return self.executor.submit(fn, *args)
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future:
+        return self.executor.submit(fn, *args, **kwargs)
 
     def __enter__(self) -> _DatabaseThread:
         return self

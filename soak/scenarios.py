@@ -393,7 +393,12 @@ def database_outage(ctx: Context) -> Outcome:
     out.check(all(r.get("ok") for r in published), "publishes failed (direct database)")
     _check_published(out, published, runs, states)
     bad = [i for i in ids if states.get(i) != ("SUCCESS", 0) or len(runs.get(i, [])) != 1]
-    out.check(not bad, f"{len(bad)} scheduled tasks lost, duplicated or wrong {bad[:3]}")
+    stranded = harness.count_in(ids, status="SCHEDULED", scheduled_id__isnull=False)
+    out.check(
+        not bad,
+        f"{len(bad)} scheduled tasks lost, duplicated or wrong ({stranded} still claimed, "
+        f"states {Counter(states.get(i, ('none', 0))[0] for i in bad)}) {bad[:3]}",
+    )
     errors_seen = "run_scheduler:" in sender_log
     out.check(errors_seen, "the sender saw no database error: the outage was not felt")
     out.figures.update(
@@ -402,6 +407,7 @@ def database_outage(ctx: Context) -> Outcome:
         results=len(all_ok),
         scheduled=len(ids),
         lost_or_dup=len(bad),
+        settled_after_outage="the database is back" in sender_log,
         worker_retried=("Retrying" in worker_log or "retrying" in worker_log),
         sender_resumed=errors_seen and not bad,
     )

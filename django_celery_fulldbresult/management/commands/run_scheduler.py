@@ -51,3 +51,17 @@ class Command(BaseCommand):
                 db.close_quietly(db.task_db_alias())
                 wait = interval
             stop.wait(wait)
+        self._settle_before_exit()
+
+    def _settle_before_exit(self) -> None:
+        """Record what a database outage left unrecorded; say so if the database still refuses."""
+        if not scheduling.unrecorded_batches():
+            return
+        try:
+            scheduling.settle_unrecorded()
+        except Exception as exc:  # noqa: BLE001 - database still down: tell the operator
+            self.stderr.write(
+                f"run_scheduler: {scheduling.unrecorded_batches()} batches could not be "
+                f"recorded ({exc!r}); their rows stay claimed and find_stale_scheduled_tasks "
+                "reports them"
+            )
