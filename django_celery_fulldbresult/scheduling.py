@@ -738,9 +738,7 @@ def _sender(app: Any) -> Iterator[_Sender]:
         yield _Sender(app, connection)
 
 
-def _publish(
-    app: Any, sender: _Sender, rows: list[dict[str, Any]], using: str, token: uuid.UUID
-) -> _Published:
+def _publish(app: Any, sender: _Sender, rows: list[dict[str, Any]]) -> _Published:
     """Publish claimed rows in order, until the broker fails; collect what it confirmed.
 
     No SQL here: the caller records the outcome (in the pipelined sender, on the database
@@ -835,7 +833,7 @@ def publish_rows(app: Any, rows: list[dict[str, Any]], using: str, token: uuid.U
     published = _Published([], [row["id"] for row in rows])
     try:
         with _sender(app) as sender:
-            published = _publish(app, sender, rows, using, token)
+            published = _publish(app, sender, rows)
     finally:
         released = _record(using, token, published)
     return _outcome(len(rows), published, released)
@@ -925,7 +923,7 @@ def _forward_pipelined(
                 break
             if deadline is None or time.monotonic() <= deadline:
                 ahead = claim_ahead()  # overlaps the publishing below
-            published = _publish(app, sender, rows, using, token)
+            published = _publish(app, sender, rows)
             recorded = database.submit(_record, using, token, published)
             records.append((recorded, len(rows), published))
             if published.unsent or published.unconfirmed:
