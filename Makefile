@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-services test-matrix bench soak soak-small lint services screenshot clean
+.PHONY: venv demo test test-services test-matrix conformance bench soak soak-small lint services screenshot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test-services: venv
 ## Other Django/Python versions (Django 4.2 on 3.10, 6.0 on 3.12).
 test-matrix:
 	bash scripts/matrix.sh
+
+## Celery's own t/integration suite (Celery 5.7.0) against this backend, in a virtualenv of its
+## own; fails on any failure but the documented ones (conformance/expected-failures.txt).
+conformance:
+	bash scripts/services.sh
+	bash conformance/conformance.sh
 
 ## admin_screenshot.png (shown in the README): demo data, the admin in headless Chromium.
 screenshot: venv
@@ -62,4 +68,4 @@ services:
 	bash scripts/services.sh
 
 clean:
-	rm -rf $(VENV) testproject/var .pytest_cache
+	rm -rf $(VENV) testproject/var .pytest_cache .conformance

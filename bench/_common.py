@@ -17,8 +17,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -373,3 +374,115 @@ def worker_command(
     from testproject.workers import worker_command as command
 
     return command(node, queue, "prefork", concurrency, loglevel, ("--without-heartbeat", *extra))
+
+
+# -- a worker subprocess of a benchmark --------------------------------------------------
+
+#: A warm shutdown normally takes about 2 s. Stopped in the middle of a run, a prefork child
+#: can wait up to ~30 s for the parent to read its results (billiard's
+#: _ensure_messages_consumed): past this, SIGKILL the group.
+WORKER_STOP_TIMEOUT = 15.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_group(pid: int) -> None:
+    """SIGTERM, wait, then SIGKILL the process's session (its pool children)."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + WORKER_STOP_TIMEOUT
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def reap_leftover_worker(pidfile: Path, node_prefix: str) -> None:
+    """Stop a worker an earlier, killed run of the same script left behind (its pid file)."""
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        cmdline = ""
+    if node_prefix in cmdline and _alive(pid):
+        print(f"stopping the worker {pid} left by an earlier run", file=sys.stderr)
+        _stop_group(pid)
+    pidfile.unlink(missing_ok=True)
+
+
+class WorkerProcess:
+    """A ``celery worker`` subprocess in its own session, stopped whatever happens.
+
+    ``stop()`` ignores SIGINT and SIGTERM while it stops the worker (a second Ctrl-C, or
+    run.py's SIGTERM at its time limit, must not leave the worker running); the pid file
+    lets the next run stop a worker a killed run left behind (``reap_leftover_worker``).
+    """
+
+    def __init__(
+        self, command: list[str], env: dict[str, str], log_path: Path, pidfile: Path
+    ) -> None:
+        self.command, self.env, self.log_path, self.pidfile = command, env, log_path, pidfile
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(
+                self.command,
+                cwd=REPO,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches us; we stop it in order
+            )
+        self.pidfile.write_text(str(self.proc.pid))
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(
+                f"worker exited with {self.proc.returncode}; log:\n{self.log_tail()}"
+            )
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> int | None:
+        """SIGTERM (warm shutdown), wait; SIGKILL the process group if it hangs."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        print(f"  stopping worker {proc.pid}", file=sys.stderr)
+        previous = {
+            signum: signal.signal(signum, signal.SIG_IGN)
+            for signum in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=WORKER_STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    print("worker did not stop in time: SIGKILL", file=sys.stderr)
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # stray pool children, if any
+            return proc.wait(timeout=WORKER_STOP_TIMEOUT)
+        finally:
+            self.pidfile.unlink(missing_ok=True)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)

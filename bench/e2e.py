@@ -18,10 +18,7 @@ connections around every task) and with ``CELERY_DB_REUSE_MAX=1000``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -33,10 +30,6 @@ import _common  # noqa: E402
 
 POLL_INTERVAL = 0.2
 WORKER_START_TIMEOUT = 90.0
-#: A warm shutdown normally takes about 2 s. Stopped in the middle of a run, a
-#: prefork child can wait up to ~30 s for the parent to read its results
-#: (billiard's _ensure_messages_consumed): past this, SIGKILL the group.
-WORKER_STOP_TIMEOUT = 15.0
 PIDFILE = Path(_common.VAR_DIR) / "e2e-worker.pid"
 NODE_PREFIX = "fulldb-bench-e2e"
 
@@ -88,101 +81,13 @@ def worker_command(node: str) -> list[str]:
 # -- worker process ---------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def reap_leftover_worker() -> None:
-    """Stop a worker an earlier, killed run of this script left behind (pidfile)."""
-    try:
-        pid = int(PIDFILE.read_text().strip())
-    except (OSError, ValueError):
-        return
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        cmdline = ""
-    if NODE_PREFIX in cmdline and _alive(pid):
-        print(f"stopping the worker {pid} left by an earlier run", file=sys.stderr)
-        _stop_group(pid)
-    PIDFILE.unlink(missing_ok=True)
-
-
-def _stop_group(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + WORKER_STOP_TIMEOUT
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.1)
-    # The worker's own session: its pool children, if any survived.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-class Worker:
+class Worker(_common.WorkerProcess):
     def __init__(self, config: Config, log_path: Path) -> None:
         self.config = config
         self.node = f"{NODE_PREFIX}-{os.getpid()}@127.0.0.1"
-        self.command = worker_command(self.node)
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = _common.bench_env(**self.config.env)
-        log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            self.command,
-            cwd=_common.REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches us; we stop it in order
+        super().__init__(
+            worker_command(self.node), _common.bench_env(**config.env), log_path, PIDFILE
         )
-        log.close()
-        PIDFILE.write_text(str(self.proc.pid))
-
-    def check(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(
-                f"worker exited with {self.proc.returncode}; log:\n{self.log_tail()}"
-            )
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> int | None:
-        """SIGTERM (warm shutdown), wait; SIGKILL the process group if it hangs."""
-        if self.proc is None:
-            return None
-        proc, self.proc = self.proc, None
-        print(f"  stopping worker {proc.pid}", file=sys.stderr)
-        # A second Ctrl-C must not leave the worker running.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=WORKER_STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    print("worker did not stop in time: SIGKILL", file=sys.stderr)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)  # stray pool children, if any
-            return proc.wait(timeout=WORKER_STOP_TIMEOUT)
-        finally:
-            PIDFILE.unlink(missing_ok=True)
-            signal.signal(signal.SIGINT, previous)
 
 
 # -- broker and database helpers -------------------------------------------
@@ -323,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     _common.setup()
-    reap_leftover_worker()
+    _common.reap_leftover_worker(PIDFILE, NODE_PREFIX)
     results = []
     for config in CONFIGS + (UNTRACKED_CONFIGS if args.untracked else []):
         print(f"e2e: {config.label}", file=sys.stderr)

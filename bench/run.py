@@ -1,8 +1,9 @@
 """Run every benchmark and write the summary to bench/results/latest.md (and, for a full
 run, to BENCHMARKS.md at the top of the repository: ``make bench``).
 
-    python bench/run.py            # stores, e2e, stale_plan, scheduler, stats_bench, admin
-    python bench/run.py --quick    # smaller counts, a smoke test (about 2 min)
+    python bench/run.py            # stores, e2e, stale_plan, scheduler, stats_bench, admin,
+                                   # chord_bench, publish_bench
+    python bench/run.py --quick    # smaller counts, a smoke test (about 3.5 min)
     python bench/run.py --only stores,e2e
 
 Each benchmark runs in its own process (they use different databases and
@@ -10,7 +11,9 @@ settings) with a time limit; the runs are isolated from the tests and the demo
 (database ``fulldb_bench``/``fulldb_bench_stale``, queue ``bench``, var dir
 ``/tmp/fulldb-bench``; scheduler.py: ``fulldb_bench_sched``, ``bench_sched``,
 ``/tmp/fulldb-bench-sched``; admin.py: ``fulldb_bench_admin``, ``bench_admin``,
-``/tmp/fulldb-bench-admin``). PostgreSQL and RabbitMQ on 127.0.0.1 must be up
+``/tmp/fulldb-bench-admin``; chord_bench.py: ``fulldb_bench_chords``, ``bench_chords``,
+``/tmp/fulldb-bench-chords``; publish_bench.py: ``fulldb_bench_publish``,
+``bench_publish``, ``/tmp/fulldb-bench-publish``). PostgreSQL and RabbitMQ on 127.0.0.1 must be up
 (``bash scripts/services.sh`` starts them; this script tries it once).
 """
 
@@ -44,6 +47,8 @@ BENCHMARKS = {
     "scheduler": ("scheduler.py", [], 600, ["--quick"]),
     "stats": ("stats_bench.py", [], 300, ["--repeat", "3"]),
     "admin": ("admin.py", [], 420, ["--repeat", "3", "--no-dcr"]),
+    "chords": ("chord_bench.py", [], 600, ["--quick"]),
+    "publish": ("publish_bench.py", [], 300, ["--rounds", "2"]),
 }
 #: Benchmarks that keep 1M rows across runs; --refill rebuilds them.
 REFILLABLE = ("stale", "scheduler", "stats", "admin")
@@ -230,10 +235,25 @@ def headline(results: dict[str, dict]) -> str:
     admin = results.get("admin")
     if admin and not admin.get("failed"):
         rows.extend(admin_rows(admin))
+    chords = results.get("chords")
+    if chords and not chords.get("failed"):
+        rows.extend(chord_rows(chords))
+    publish = results.get("publish")
+    if publish and not publish.get("failed"):
+        rows.append(
+            [
+                "publish tracking: ms per apply_async, tracked / plain (added)",
+                f"{publish['tracked_ms']:.3f} ({publish['added_ms']:+.3f})",
+                f"{publish['plain_ms']:.3f}",
+                f"{publish['plain_ms'] / publish['tracked_ms']:.2f}x",
+            ]
+        )
     failed = [name for name, r in results.items() if r.get("failed")]
     text = (
         "Baseline: django-celery-results for the result backend rows; Celery without the "
-        "scheduler (native broker ETA, plain `apply_async`) for the `scheduler:` rows.\n\n"
+        "scheduler (native broker ETA, plain `apply_async`) for the `scheduler:` rows, plain "
+        "`apply_async` (tracking off, same process) for the `publish tracking` row. "
+        "The chord row's ratio is the baseline's time over ours (higher is better for us).\n\n"
     )
     text += _common.table(["measure", "ours", "baseline", "ours / baseline"], rows)
     if failed:
@@ -319,7 +339,7 @@ def scheduler_rows(result: dict) -> list[list[str]]:
     if empty:
         rows.append(
             [
-                f"scheduler: empty run_pass at {empty['rows']:,} rows not due: wall ms / DB "
+                f"scheduler: empty pass at {empty['rows']:,} rows not due: wall ms / DB "
                 "execution ms",
                 f"{empty['pass_ms_median']:.2f} / {empty['execution_ms_total']:.3f} "
                 f"({'<' if empty['target_met'] else '>='} 1 target)",
@@ -382,6 +402,22 @@ def admin_rows(result: dict) -> list[list[str]]:
         ]
     )
     return rows
+
+
+def chord_rows(result: dict) -> list[list[str]]:
+    """The summary row of chord_bench.py: seconds until a chord's body result."""
+    backends = result["backends"]
+    ours, dcr = backends.get("ours"), backends.get("django-celery-results")
+    if not ours:
+        return []
+    return [
+        [
+            f"chord of {result['tasks']:,}: seconds until the body's result",
+            f"{ours['seconds']:.2f}",
+            f"{dcr['seconds']:.2f}" if dcr else "",
+            f"**{dcr['seconds'] / ours['seconds']:.2f}x**" if dcr else "",
+        ]
+    ]
 
 
 def report(results: dict[str, dict], info: dict[str, str], total: float) -> str:

@@ -14,7 +14,7 @@ Four measurements in one run, in a database, a queue and a var dir of their own
    publishers' environment: the rows go to the database, the broker stays
    empty). Queue purged and rows deleted afterwards.
 2. Forwarding rate: ``--forward`` (default 20,000) due SCHEDULED rows (one
-   ``INSERT ... SELECT``) forwarded by ``scheduling.forward_due(app)`` (batch
+   ``INSERT ... SELECT``) forwarded by ``scheduler.forward_due(app)`` (batch
    500, one broker connection) vs plain ``apply_async`` of as many tasks from
    one process, both to a queue nobody consumes (purged after each run).
    Median of ``--rounds``.
@@ -27,10 +27,11 @@ Four measurements in one run, in a database, a queue and a var dir of their own
    execution per task id in the worker log.
 4. Empty pass: ``--future-rows`` (default 1,000,000) SCHEDULED rows due in
    30-395 days (``INSERT ... SELECT generate_series``, reused across runs),
-   VACUUM ANALYZE, then ``scheduling.run_pass(app)`` with nothing due: wall
-   time per pass (median of ``--passes``), and ``EXPLAIN (ANALYZE, BUFFERS)``
-   of every statement the pass runs (captured with CaptureQueriesContext),
-   plus the next-eta query ``run_scheduler`` polls between passes.
+   VACUUM ANALYZE, then ``Sender.forward_due()`` of a long-lived sender (as
+   ``run_scheduler`` keeps one) with nothing due: wall time per pass (median of
+   ``--passes``), and ``EXPLAIN (ANALYZE, BUFFERS)`` of every statement the pass
+   runs (captured on the sender's database thread), plus the next-eta query
+   ``run_scheduler`` polls between passes.
 
 The not-yet-due rows of (4) stay in the table during (1)-(3), as a backlog
 would in production: the scheduler's queries must skip them. Workers are named
@@ -400,20 +401,23 @@ def count_rows(where: str, params: list | None = None) -> int:
 
 @contextlib.contextmanager
 def scheduler_on():
-    """In this process: what FULLDB_SCHEDULE_ETA=1 turns on (settings + monkey patch)."""
+    """In this process: what FULLDB_SCHEDULE_ETA=1 turns on (settings + interception)."""
     from django.test import override_settings
 
-    from django_celery_fulldbresult import scheduling
+    from django_celery_fulldbresult import scheduler
+    from testproject.celery_app import app
 
     with override_settings(
         DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA=True,
         DJANGO_CELERY_FULLDBRESULT_MONKEY_PATCH_ASYNC=True,
     ):
-        scheduling.patch_send_task()
+        installed = scheduler.is_installed(app)
+        scheduler.install(app)
         try:
             yield
         finally:
-            scheduling.unpatch_send_task()
+            if not installed:
+                scheduler.uninstall(app)
 
 
 TEMPLATE_COLUMNS = ("task", "kwargs", "kwargsrepr", "replayable", "options", "queue",
@@ -462,7 +466,7 @@ def publisher_role(args: argparse.Namespace) -> None:
     setup(False, **scheduler_env())
     from django.conf import settings
 
-    from django_celery_fulldbresult import scheduling
+    from django_celery_fulldbresult import scheduler
     from testproject.celery_app import app
     from testproject.demo.tasks import add
 
@@ -480,7 +484,7 @@ def publisher_role(args: argparse.Namespace) -> None:
             {
                 "count": args.count,
                 "seconds": seconds,
-                "patched": scheduling._original_send_task is not None,
+                "patched": scheduler.is_installed(app),
                 "schedule_eta": bool(settings.DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA),
             }
         )
@@ -742,10 +746,8 @@ def timed_publish(app, run, expected: int, timeout: float = 60.0) -> dict:
 
 
 def measure_forwarding(app, count: int, rounds: int, batch: int) -> dict:
-    from django.db import connections
-    from django.test.utils import CaptureQueriesContext
 
-    from django_celery_fulldbresult import scheduling
+    from django_celery_fulldbresult import scheduler
     from testproject.demo.tasks import add
 
     template = template_row()
@@ -763,7 +765,7 @@ def measure_forwarding(app, count: int, rounds: int, batch: int) -> dict:
             sql(f"ANALYZE {_common.TASK_TABLE}", fetch=False)
             with scheduler_on():
                 run = timed_publish(
-                    app, lambda: scheduling.forward_due(app, batch_size=batch), count
+                    app, lambda: scheduler.forward_due(app, batch_size=batch), count
                 )
             outcome = run.pop("value")
             run.update(
@@ -784,7 +786,7 @@ def measure_forwarding(app, count: int, rounds: int, batch: int) -> dict:
                 override_settings(DJANGO_CELERY_FULLDBRESULT_SCHEDULER_CONFIRM_PUBLISH=False),
             ):
                 run = timed_publish(
-                    app, lambda: scheduling.forward_due(app, batch_size=batch), count
+                    app, lambda: scheduler.forward_due(app, batch_size=batch), count
                 )
             run.pop("value")
             unconfirmed_runs.append(run)
@@ -808,14 +810,14 @@ def measure_forwarding(app, count: int, rounds: int, batch: int) -> dict:
         # What forwarding costs on the database: two batches, every statement captured
         # (with Django's timing), then each kind explained.
         fill_scheduled(template, 2 * batch, "gen_random_uuid()::text", due_eta)
-        with scheduler_on(), CaptureQueriesContext(connections["default"]) as captured:
+        with scheduler_on(), scheduler.Sender(app) as sender:
             t0 = time.perf_counter()
-            outcome = scheduling.forward_due(app, batch_size=batch)
+            outcome, captured = on_database_thread(
+                sender, lambda: sender.forward_due(batch_size=batch)
+            )
             captured_seconds = time.perf_counter() - t0
-        costs = statement_costs(captured.captured_queries)
-        kinds = collections.Counter(
-            q["sql"].split(None, 1)[0].upper() for q in captured.captured_queries
-        )
+        costs = statement_costs(captured)
+        kinds = collections.Counter(q["sql"].split(None, 1)[0].upper() for q in captured)
         table_rows = count_rows("TRUE")
     finally:
         purge_until_empty(app)
@@ -832,7 +834,7 @@ def measure_forwarding(app, count: int, rounds: int, batch: int) -> dict:
         "unconfirmed_loop_per_s": _common.median(r["loop_per_s"] for r in unconfirmed_runs),
         "unconfirmed_runs": unconfirmed_runs,
         "plain_runs": plain_runs,
-        "statements_two_batches": len(captured.captured_queries),
+        "statements_two_batches": len(captured),
         "statement_kinds": dict(kinds),
         "statement_costs": costs,
         "captured_seconds": captured_seconds,
@@ -861,7 +863,7 @@ def forwarding_section(result: dict, rounds: int) -> dict:
         ],
         "rows": [
             [
-                f"`scheduling.forward_due(app)`, batch {result['batch']}",
+                f"`scheduler.forward_due(app)`, batch {result['batch']}",
                 result["forward_per_s"],
                 f_runs,
                 result["forward_loop_per_s"],
@@ -1213,35 +1215,46 @@ def statement_costs(captured: list[dict], repeat: int = 1) -> list[dict]:
     return out
 
 
-def measure_empty_pass(app, wanted: int, refill: bool, passes: int, repeat: int) -> dict:
+def on_database_thread(sender, operation):
+    """``operation()``'s value and the statements the sender's database thread ran meanwhile
+    (its connection is the thread's own, so they are captured there)."""
     from django.db import connections
     from django.test.utils import CaptureQueriesContext
 
-    from django_celery_fulldbresult import scheduling
+    capture = sender.database.run(lambda: CaptureQueriesContext(connections[sender.using]))
+    sender.database.run(capture.__enter__)
+    try:
+        value = operation()
+    finally:
+        sender.database.run(capture.__exit__, None, None, None)
+    return value, capture.captured_queries
+
+
+def measure_empty_pass(app, wanted: int, refill: bool, passes: int, repeat: int) -> dict:
+    from django_celery_fulldbresult import scheduler
 
     fill = ensure_future_rows(template_row(), wanted, refill)
     sql(f"VACUUM (ANALYZE) {_common.TASK_TABLE}", fetch=False)
     rows_total = count_rows("TRUE")
     due = count_rows("status = 'SCHEDULED' AND eta <= now()")
-    for _ in range(5):  # warm: connection, plans, buffers
-        scheduling.run_pass(app)
-    with CaptureQueriesContext(connections["default"]) as captured:
-        outcome = scheduling.run_pass(app)
-    pass_statements = [q["sql"] for q in captured.captured_queries]
-    with CaptureQueriesContext(connections["default"]) as captured_next:
-        scheduling.seconds_until_next()
+    with scheduler.Sender(app) as sender:  # as run_scheduler keeps one
+        for _ in range(5):  # warm: connections, plans, buffers
+            sender.forward_due()
+        outcome, captured = on_database_thread(sender, sender.forward_due)
+        pass_statements = [q["sql"] for q in captured]
+        _, captured_next = on_database_thread(sender, lambda: sender.seconds_until_next(1.0))
+        times = []
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            sender.forward_due()
+            times.append((time.perf_counter() - t0) * 1000)
     if outcome.claimed or outcome.expired:
         raise RuntimeError(f"the empty pass found work: {outcome}")
-    times = []
-    for _ in range(passes):
-        t0 = time.perf_counter()
-        scheduling.run_pass(app)
-        times.append((time.perf_counter() - t0) * 1000)
     times.sort()
     statements = []
     for statement, in_pass in (
         *((s, True) for s in pass_statements),
-        *((q["sql"], False) for q in captured_next.captured_queries),
+        *((q["sql"], False) for q in captured_next),
     ):
         if statement.split(None, 1)[0].upper() not in ("SELECT", "UPDATE", "INSERT", "DELETE"):
             continue  # BEGIN, COMMIT: no plan
@@ -1279,7 +1292,7 @@ def empty_pass_section(result: dict, repeat: int) -> dict:
     for s in result["statements"]:
         rows.append(
             [
-                s["label"] + ("" if s["in_run_pass"] else " (not in run_pass)"),
+                s["label"] + ("" if s["in_run_pass"] else " (not in the pass)"),
                 f"{s['execution_ms']:.3f} ({min(s['executions_ms']):.3f}-"
                 f"{max(s['executions_ms']):.3f})",
                 f"{s['planning_ms']:.3f}",
@@ -1297,10 +1310,11 @@ def empty_pass_section(result: dict, repeat: int) -> dict:
     for s in result["statements"]:
         plans.append(f"-- {s['label']}\n{s['sql']}\n" + "\n".join(s["plan"]))
     return {
-        "title": f"4. Empty pass: `run_pass(app)` with {result['rows']:,} rows, none due",
+        "title": f"4. Empty pass: `Sender.forward_due()` with {result['rows']:,} rows, none due",
         "text": (
             f"{fill_text}, SCHEDULED with eta 30-395 days ahead; VACUUM (ANALYZE) before; "
-            f"due rows: {result['due']}. Wall time of `scheduling.run_pass(app)`: median "
+            f"due rows: {result['due']}. Wall time of a long-lived sender's `forward_due()`: "
+            "median "
             f"**{result['pass_ms_median']:.3f} ms** (p90 {result['pass_ms_p90']:.3f}, "
             f"min {result['pass_ms_min']:.3f}, max {result['pass_ms_max']:.3f}; "
             f"{result['passes']} passes; captured per pass: "
@@ -1315,13 +1329,13 @@ def empty_pass_section(result: dict, repeat: int) -> dict:
         ],
         "rows": rows,
         "notes": [
-            f"DB execution per empty pass (run_pass statements): "
+            f"DB execution per empty pass (the pass's statements): "
             f"**{result['execution_ms_total']:.3f} ms** vs goal < {TARGET_EMPTY_PASS_MS:.0f} "
             f"ms: **{'met' if result['target_met'] else 'NOT met'}**; index used: "
             f"{', '.join(result['indexes']) or 'NONE'}; seq scan on the task table: "
             f"{'YES' if result['seq_scan'] else 'no'}",
             "statements captured with CaptureQueriesContext on `connections['default']` "
-            "during one `run_pass`; each EXPLAIN ANALYZE runs in a rolled-back transaction",
+            "during one pass; each EXPLAIN ANALYZE runs in a rolled-back transaction",
         ],
         "code": "EXPLAIN (ANALYZE, BUFFERS)\n\n" + "\n\n".join(plans),
     }

@@ -21,7 +21,7 @@ from django.utils.html import format_html
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext_lazy
 
-from . import replay, scheduling
+from . import replay, scheduler
 from .states import FINAL_STATES, SCHEDULED
 
 #: Rows one action may handle; a larger selection is refused before anything is read.
@@ -228,6 +228,8 @@ def _waiting(row) -> tuple[bool, str]:
 
 @admin.action(description=gettext_lazy("Cancel selected scheduled tasks"), permissions=["cancel"])
 def cancel_scheduled_tasks(modeladmin, request, queryset):
+    app = modeladmin.get_celery_app()
+
     def plan(row) -> tuple[bool, str]:
         ok, reason = _waiting(row)
         return ok, (_("will be cancelled: REVOKED, never sent") if ok else reason)
@@ -237,7 +239,7 @@ def cancel_scheduled_tasks(modeladmin, request, queryset):
         for row in rows:
             ok, text = _waiting(row)
             if ok:
-                ok = scheduling.cancel_scheduled(row.task_id, using=queryset.db)
+                ok = scheduler.cancel_scheduled(row.task_id, app)
                 text = _("cancelled") if ok else _("not cancelled: it was sent meanwhile")
             lines.append(Line(row.task_id, row.task, row.status, text, ok))
         return lines
@@ -281,7 +283,7 @@ def send_scheduled_now(modeladmin, request, queryset):
 
     def execute(rows: list[Any]) -> list[Line]:
         waiting = [row.task_id for row in rows if _waiting(row)[0]]
-        outcomes = scheduling.send_now(app, waiting, using=queryset.db) if waiting else {}
+        outcomes = scheduler.send_now(app, waiting) if waiting else {}
         lines = []
         for row in rows:
             if row.task_id in outcomes:
@@ -331,7 +333,7 @@ def revoke_tasks(modeladmin, request, queryset):
         for row in rows:
             ok, text = plan(row)
             if ok and row.status == SCHEDULED:
-                if scheduling.cancel_scheduled(row.task_id, using=queryset.db):
+                if scheduler.cancel_scheduled(row.task_id, app):
                     text = _("cancelled before it was sent")
                 else:  # a sender holds it or just sent it: revoke the message too
                     broadcast.append(row)

@@ -15,6 +15,9 @@ PREFIX = "DJANGO_CELERY_FULLDBRESULT_"
 DEFAULTS: dict[str, Any] = {
     # Write a PENDING row when a task is published.
     "TRACK_PUBLISH": False,
+    # ... from a thread of the process, many rows per statement, moments after apply_async
+    # returns (False: in apply_async itself, one statement per call).
+    "PUBLISH_WRITE_BEHIND": True,
     # Store results as plain JSON whatever the app's result serializer.
     "USE_JSON": False,
     # With USE_JSON, store {"value": str(value), "forced_json": true} for values JSON cannot hold.
@@ -27,6 +30,12 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE": "default",
     # Use a connection of our own (autocommit, not closed by Celery's Django fixup).
     "DEDICATED_CONNECTION": True,
+    # A DATABASES alias (of the task database, autocommit) to use as that connection; "" for
+    # the package's built-in one (not in DATABASES: Celery's fixup would close it per task).
+    "CONNECTION": "",
+    # ... even in Django's test environment (default: there, the test's own connection, so
+    # rows are part of each test's transaction; our own suite sets True).
+    "DEDICATED_CONNECTION_IN_TESTS": False,
     # Seconds between worker heartbeats; 0 disables them (stale STARTED is then age-only).
     "WORKER_HEARTBEAT": 10.0,
     # Heartbeats missed before a worker counts as gone.

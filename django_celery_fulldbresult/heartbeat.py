@@ -75,6 +75,7 @@ class HeartbeatThread(threading.Thread):
                 beat(self.hostname)
             except Exception:  # noqa: BLE001 - a missed beat must not kill the thread
                 logger.warning("worker heartbeat failed", exc_info=True)
+            db.on_statement_thread(lambda: db.recycle(between_tasks=True))  # CONN_MAX_AGE
             if self.stopped.wait(self.seconds):
                 return
 

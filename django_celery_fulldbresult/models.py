@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from django.db import models
-from django.db.models import Q
+from django.db.models import Case, F, Q, When
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from . import serialization
-from .managers import GroupResultManager, TaskResultManager
+from .managers import GroupResultManager, TaskDatabaseManager, TaskResultManager
 from .states import FINAL_STATES, PENDING, SCHEDULED
 
 
@@ -208,17 +209,156 @@ class GroupResultMeta(models.Model):
         return f"<Group: {self.group_id}>"
 
 
+class ChordCounterQuerySet(models.QuerySet):
+    """The states of a chord's counter, and its transitions (see ``chords``)."""
+
+    def of(self, group_id: str) -> ChordCounterQuerySet:
+        return self.filter(group_id=group_id)
+
+    def finished_before(self, cutoff: datetime) -> ChordCounterQuerySet:
+        """Finished chords age by ``date_done``; unfinished ones never expire."""
+        return self.filter(date_done__lt=cutoff)
+
+    def held_by(self, token: str) -> ChordCounterQuerySet:
+        """The chord while ``token`` holds its claim (claimed_by has no index: InnoDB still
+        reaches the row through group_id). Only the holder finishes a chord, so a held
+        chord is unfinished unless the holder finished it itself."""
+        return self.filter(claimed_by=token)
+
+    # -- transitions (one statement each) -------------------------------------------
+    # Every chord transaction starts with one of these UPDATEs, on ``of(group_id)`` alone:
+    # the counter's row lock (SQLite's write lock) is the first lock it takes, and InnoDB
+    # always reaches the row through the group_id index (a condition on date_done let it
+    # lock through that index instead: a count and ``set_chord_size`` deadlocked). Other
+    # conditions are a CASE in the SET, decided on the locked row, or on unindexed columns
+    # (``held_by``). Never an upsert of an existing counter: InnoDB's takes a shared lock
+    # before its exclusive one.
+
+    def restart(self, now: datetime) -> int:
+        """A frozen chord applied again: counted from zero, unclaimed, unfinished."""
+        return self.update(
+            count=0,
+            total=None,
+            added=0,
+            date_created=now,
+            claimed_by=None,
+            date_claimed=None,
+            date_done=None,
+        )
+
+    def resize(self, total: int) -> int:
+        """``set_chord_size``: how many parts the header has."""
+        return self.update(total=total)
+
+    def add_part(self) -> int:
+        """One more part finished, counted on an unfinished chord only."""
+        return self.update(count=_if_unfinished("count", F("count") + 1))
+
+    def take_back_part(self) -> int:
+        """The part just added had been counted before."""
+        return self.update(count=F("count") - 1)
+
+    def grow(self, parts: int = 1) -> int:
+        """``Task.add_to_chord``: an unfinished chord waits for ``parts`` more (counted apart
+        from the header's size, which Celery 5.7 may set after them)."""
+        return self.update(added=_if_unfinished("added", F("added") + parts))
+
+    def claim(self, token: str, now: datetime) -> int:
+        """Take the right to complete the chord (see ``ChordCounter.is_claimable``)."""
+        return self.update(claimed_by=token, date_claimed=now)
+
+    def renew(self, now: datetime) -> int:
+        """Refresh the claim (on ``held_by(token)``)."""
+        return self.update(date_claimed=now)
+
+    def finish(self, now: datetime) -> int:
+        """The body was sent or the chord failed (on ``held_by(token)``): late copies of
+        parts now do nothing."""
+        return self.update(date_done=now)
+
+
+def _if_unfinished(column: str, then: Any) -> Case:
+    """``then`` on an unfinished chord; the column unchanged otherwise."""
+    return _only_if(Q(date_done__isnull=True), column, then)
+
+
+def _only_if(condition: Q, column: str, then: Any) -> Case:
+    field = ChordCounter._meta.get_field(column)
+    return Case(When(condition, then=then), default=F(column), output_field=field)
+
+
 class ChordCounter(models.Model):
-    """Counts the finished header tasks of a chord (native chord support, no polling)."""
+    """One chord's progress: header parts counted, who completes it, when it finished.
+
+    The protocol is in ``django_celery_fulldbresult.chords`` (and docs/design.md, "Chords").
+    A finished chord keeps its row (``date_done`` set) so that a late copy of a header part
+    finds it finished and does nothing; finished rows expire like results.
+    """
 
     id = models.BigAutoField(primary_key=True)
     group_id = models.CharField(max_length=255, unique=True)
     count = models.PositiveIntegerField(default=0)
+    # The header's size (``set_chord_size``), and the parts added by header tasks
+    # (``Task.add_to_chord``): kept apart, since Celery sets the size just before sending the
+    # last header task, when an earlier one may already have added parts.
     total = models.PositiveIntegerField(null=True)
+    added = models.PositiveIntegerField(default=0)
     date_created = models.DateTimeField(default=timezone.now, db_index=True)
+    # The part that completes the chord claims it (a token per call) before it sends the
+    # body; a claim older than the lease may be taken over by a later copy of a part.
+    claimed_by = models.CharField(max_length=64, null=True, blank=True)
+    date_claimed = models.DateTimeField(null=True, blank=True)
+    date_done = models.DateTimeField(null=True, blank=True, db_index=True)
+
+    objects = TaskDatabaseManager.from_queryset(ChordCounterQuerySet)()
 
     def __str__(self) -> str:
-        return f"<Chord: {self.group_id} {self.count}/{self.total}>"
+        return f"<Chord: {self.group_id} {self.count}/{self.expected()}>"
+
+    def expected(self, fallback_total: int | None = None) -> int | None:
+        """Parts to wait for: the header's size (from ``set_chord_size``, else
+        ``fallback_total``, the size the part's request carries) and the parts added."""
+        total = self.total if self.total is not None else fallback_total
+        return None if total is None else total + self.added
+
+    def is_complete(self, fallback_total: int | None = None) -> bool:
+        """Every part counted."""
+        expected = self.expected(fallback_total)
+        return expected is not None and self.count >= expected
+
+    def is_claimable(self, token: str, stale_before: datetime) -> bool:
+        """Not claimed, claimed by ``token`` already (a retried call), or claimed by a call
+        whose lease ran out before ``stale_before``."""
+        if self.claimed_by in (None, token):
+            return True
+        return self.date_claimed is None or self.date_claimed < stale_before
+
+
+class ChordPartQuerySet(models.QuerySet):
+    def of(self, group_id: str) -> ChordPartQuerySet:
+        return self.filter(group_id=group_id)
+
+
+class ChordPart(models.Model):
+    """A header part already counted: each (task id, group index) counts once."""
+
+    id = models.BigAutoField(primary_key=True)
+    group_id = models.CharField(max_length=255)
+    task_id = models.CharField(max_length=255)
+    #: The part's index in the header (Celery's ``group_index``); -1 when the message had none.
+    group_index = models.IntegerField(default=-1)
+
+    objects = TaskDatabaseManager.from_queryset(ChordPartQuerySet)()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["group_id", "task_id", "group_index"], name="fdr_chord_part_once"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"<Chord part: {self.group_id} {self.task_id}[{self.group_index}]>"
 
 
 class WorkerHeartbeat(models.Model):
@@ -228,6 +368,8 @@ class WorkerHeartbeat(models.Model):
     hostname = models.CharField(max_length=255, unique=True)
     pid = models.PositiveIntegerField(null=True)
     last_seen = models.DateTimeField(db_index=True)
+
+    objects = TaskDatabaseManager()
 
     def __str__(self) -> str:
         return f"<Worker: {self.hostname} seen {self.last_seen}>"

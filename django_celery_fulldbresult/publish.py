@@ -12,7 +12,9 @@ insert-if-absent on the dedicated autocommit connection:
 * inside the caller's ``transaction.atomic()`` it commits at once: the worker
   never waits on the caller's locks and a rollback keeps the record of a task
   that was really sent;
-* it never makes ``apply_async`` fail: errors are logged and the task is sent.
+* it never makes ``apply_async`` fail: errors are logged and the task is sent;
+* it is written behind (``publish_writer``): ``apply_async`` queues the row and a thread
+  of the process writes the queue, many rows per statement (``flush()`` waits for it).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from typing import Any
 from celery import current_app
 from django.db import connections, transaction
 
-from . import conf, db, records, scheduling
+from . import conf, db, publish_writer, records, scheduler
+from .green import green_pool
+from .models import TaskResultMeta
 from .states import PENDING
 
 logger = logging.getLogger(__name__)
@@ -42,7 +46,7 @@ def result_ignored(app: Any, name: str, headers: dict[str, Any]) -> bool:
     """
     if headers.get("ignore_result"):
         return True
-    task = app.tasks.get(name)
+    task = records.registered_task(app, name)
     if task is not None:
         return bool(task.ignore_result)
     return bool(app.conf.task_ignore_result)
@@ -59,7 +63,7 @@ def on_before_publish(
     **kwargs: Any,
 ) -> None:
     _pending.values = None
-    if not conf.track_publish() or scheduling.is_forwarding():
+    if not conf.track_publish() or scheduler.is_forwarding():
         return  # the scheduler's own sends already have their row
     try:
         headers = headers if headers is not None else (body if isinstance(body, dict) else {})
@@ -93,27 +97,62 @@ def on_after_publish(
         )
 
 
-def tracking_alias() -> str:
-    """Where to write: the dedicated connection, except on SQLite inside a transaction.
+def joins_callers_transaction() -> bool:
+    """On SQLite inside a transaction the row joins the caller's transaction.
 
     SQLite locks the whole database for a writing transaction, so a second
-    connection would wait for the caller's commit; there the row joins the
-    caller's transaction instead (documented limitation of SQLite).
+    connection would wait for the caller's commit (documented limitation of SQLite).
     """
-    base = db.task_db_alias()
-    caller = connections[base]
-    if caller.vendor == "sqlite" and caller.in_atomic_block:
-        return base
-    return db.write_alias()
+    caller = connections[db.task_db_alias()]
+    return caller.vendor == "sqlite" and caller.in_atomic_block
+
+
+def tracking_alias() -> str:
+    """Where to write: the dedicated connection, except when the row joins the caller's
+    transaction (``joins_callers_transaction``)."""
+    return db.task_db_alias() if joins_callers_transaction() else db.write_alias()
+
+
+def writes_behind() -> bool:
+    """Whether the row goes to the process's writer thread (``publish_writer``).
+
+    Only where the row is written through the package's own autocommit connection anyway
+    (never in Django's test environment, where a test must see its rows at once), outside
+    gevent and eventlet workers (their statements have a runner of their own), and not on
+    SQLite inside a transaction (the row joins it: ``joins_callers_transaction``).
+    """
+    if not conf.get("PUBLISH_WRITE_BEHIND") or not db.uses_own_connection() or green_pool():
+        return False
+    return db.in_event_loop() or not joins_callers_transaction()
 
 
 def record(values: dict[str, Any]) -> None:
-    """Write the PENDING row (insert-if-absent, fill-only) in one statement."""
-    from .models import TaskResultMeta
+    """Write the PENDING row (insert-if-absent, fill-only): queued for the writer thread
+    (``writes_behind``), else one statement here.
 
+    From async code (an ASGI view, ``asyncio.run``) a direct write runs on the package's
+    helper thread: Django refuses database calls in an event loop's thread.
+    """
     values = {**values, "status": PENDING}
-    using = tracking_alias()
-    if connections[using].in_atomic_block:
+    if writes_behind() and publish_writer.writer.submit(values):
+        return
+    if db.in_event_loop():  # the alias is the helper thread's own
+        db.outside_event_loop(lambda: _record(values, db.write_alias()))
+        return
+    _record(values, tracking_alias())
+
+
+def flush(timeout: float | None = 10.0) -> bool:
+    """Wait until the PENDING rows of the tasks this process published are written (they
+    are written by a thread, ``publish_writer``, moments after ``apply_async`` returns).
+    True when none is left; False if ``timeout`` seconds were not enough."""
+    return publish_writer.flush(timeout)
+
+
+def _record(values: dict[str, Any], using: str) -> None:
+    # The package's own connection is never in the caller's transaction (and under gevent
+    # it lives on the statement runner, not in this greenlet).
+    if not db.is_own_alias(using) and connections[using].in_atomic_block:
         # In the caller's transaction: a savepoint keeps a failed insert from
         # breaking the caller's transaction.
         with transaction.atomic(using=using):

@@ -15,6 +15,7 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
+from kombu.serialization import registry as serializer_registry
 
 from . import conf, serialization
 
@@ -65,6 +66,17 @@ def to_datetime(value: Any) -> datetime | None:
     return value
 
 
+def registered_task(app: Any, name: str) -> Any:
+    """The task registered under ``name``, or None; never finalizes the app.
+
+    ``app.tasks`` finalizes an app that is not finalized yet (or raises with
+    ``autofinalize=False``): a publisher that only sends tasks by name must not pay for
+    that. Before finalization the task is known by its name only (``SECRET_TASKS``
+    patterns still apply).
+    """
+    return app.tasks.get(name) if app.finalized else None
+
+
 def stores_args(task_name: str, task: Any = None) -> bool:
     """False for tasks whose arguments must not be stored (secrets).
 
@@ -113,20 +125,57 @@ def redacted_repr(given: Any, value: Any, app: Any) -> str:
     return f"<{count} hidden>"
 
 
+def serializer_of(app: Any, task: Any = None, chosen: str | None = None) -> str:
+    """The serializer a task message uses: the call's, the task's, else the app's."""
+    return chosen or getattr(task, "serializer", None) or app.conf.task_serializer
+
+
+def _storing_serializers(app: Any, task: Any, chosen: str | None) -> list[str]:
+    """The message's serializer (as far as it is known here), then every serializer the app
+    accepts: a call is never stored with one the app would refuse to read."""
+    names = [serializer_of(app, task, chosen)]
+    for accepted in app.conf.accept_content or ():
+        name = serializer_registry.type_to_name.get(accepted, accepted)
+        if name not in names:
+            names.append(name)
+    return names
+
+
 def call_columns(
-    task_name: str, args: Any, kwargs: Any, argsrepr: Any, kwargsrepr: Any, task: Any, app: Any
+    task_name: str,
+    args: Any,
+    kwargs: Any,
+    argsrepr: Any,
+    kwargsrepr: Any,
+    task: Any,
+    app: Any,
+    serializer: str | None = None,
 ) -> dict[str, Any]:
-    """The args/kwargs columns: stored exactly, or only as repr for secret tasks."""
+    """The args/kwargs columns: stored exactly, or only as repr for secret tasks.
+
+    ``serializer``: the message's (default: the task's, else the app's); arguments the JSON
+    columns cannot hold are packed with it (``serialization.encode_call``).
+    """
     if not stores_args(task_name, task):
         return {
-            "argsrepr": redacted_repr(argsrepr, args, app),
-            "kwargsrepr": redacted_repr(kwargsrepr, kwargs, app),
+            "argsrepr": serialization.text_safe(redacted_repr(argsrepr, args, app)),
+            "kwargsrepr": serialization.text_safe(redacted_repr(kwargsrepr, kwargs, app)),
             "replayable": False,
         }
-    try:
-        encoded = serialization.encode_call(args, kwargs, app.conf.task_serializer)
-    except Exception:  # noqa: BLE001 - never lose the state over its arguments
-        logger.warning("arguments of %s cannot be stored; row kept without them", task_name)
+    argsrepr, kwargsrepr = serialization.text_safe(argsrepr), serialization.text_safe(kwargsrepr)
+    encoded = None
+    for name in _storing_serializers(app, task, serializer):
+        try:
+            encoded = serialization.encode_call(args, kwargs, name)
+            break
+        except Exception:  # noqa: BLE001, S112 - the next serializer the app accepts
+            continue
+    if encoded is None:  # never lose the state over its arguments
+        logger.warning(
+            "arguments of %s cannot be stored with a serializer the app accepts; row kept "
+            "without them (not replayable)",
+            task_name,
+        )
         return {"argsrepr": argsrepr, "kwargsrepr": kwargsrepr, "replayable": False}
     return {
         "args": encoded.args,
@@ -174,7 +223,7 @@ def from_message(
     else:
         args, kwargs, embed = body
         embed = embed or {}
-    task = app.tasks.get(name)
+    task = registered_task(app, name)
     custom_headers = {k: v for k, v in headers.items() if k not in PROTOCOL_HEADERS}
     queue = None
     for entity in declare or ():
@@ -266,7 +315,7 @@ def from_request(app: Any, request: Any) -> dict[str, Any]:
                 getattr(request, "kwargs", None),
                 getattr(request, "argsrepr", None),
                 getattr(request, "kwargsrepr", None),
-                app.tasks.get(name),
+                registered_task(app, name),
                 app,
             )
         )

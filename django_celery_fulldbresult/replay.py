@@ -21,7 +21,7 @@ from typing import Any
 from django.utils import timezone
 from kombu.exceptions import EncodeError
 
-from . import db, publish, scheduling
+from . import db, publish, scheduler
 from .states import PENDING, SCHEDULED
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,10 @@ def retry(app: Any, rows: Iterable[Any]) -> list[Outcome]:
     _publish(app, todo, accept)
     unsent = [outcome.new_id for _row, outcome in todo if not outcome.sent]
     if unsent:
-        TaskResultMeta.objects.using(using).filter(task_id__in=unsent).delete()
+        db.run_with_reconnect(
+            lambda alias: TaskResultMeta.objects.using(alias).filter(task_id__in=unsent).delete(),
+            using,
+        )
         for _row, outcome in todo:
             if not outcome.sent:
                 outcome.new_id = None
@@ -181,7 +184,7 @@ def _publish(app: Any, todo: list[tuple[Any, Outcome]], accept: Any) -> None:
     pending = list(todo)
     try:
         # forwarding(): no interception by the scheduler, no second publish record.
-        with scheduling.forwarding(), app.producer_or_acquire() as producer:
+        with scheduler.forwarding(), app.producer_or_acquire() as producer:
             while pending:
                 row, outcome = pending[0]
                 try:

@@ -5,21 +5,30 @@
 from __future__ import annotations
 
 import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from celery import states
 from celery.backends.base import BaseBackend
-from celery.exceptions import ChordError
+from celery.canvas import maybe_signature
+from celery.exceptions import ChordError, ImproperlyConfigured
 from celery.result import GroupResult, ResultBase, allow_join_result, result_from_tuple
-from django.db import InterfaceError, OperationalError, transaction
-from django.db.models import F
+from celery.utils.time import get_exponential_backoff_interval
+from django.db import transaction
 from django.utils import timezone
 from kombu.exceptions import EncodeError
 
-from . import conf, db, records, serialization
+from . import chords, conf, db, records, serialization
+from .models import GroupResultMeta, TaskResultMeta
+from .states import REVOCABLE_STATES
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Columns read back for ``AsyncResult`` (never the packed payload unless needed).
 META_COLUMNS = (
@@ -47,23 +56,79 @@ META_COLUMNS = (
     "periodic_task_name",
 )
 
+#: Task ids read per statement by ``get_many`` (native join): within every database's
+#: limit on parameters.
+GET_MANY_BATCH = 500
+
+E_COMPRESSION = """\
+result_compression={0!r} is not supported by django-celery-fulldbresult: results are stored
+as text that the admin shows and SQL can query. Compress in the database instead (PostgreSQL
+compresses large values by itself; MySQL/MariaDB: ROW_FORMAT=COMPRESSED), and remove the
+setting.
+"""
+
 
 class DatabaseResultBackend(BaseBackend):
     """Stores every state of every task, with what is needed to send it again."""
 
     subpolling_interval = 0.5
     supports_autoexpire = False
-    supports_native_join = False
+    #: ``get_many``: a group or chord header is read in batches, not one query per task.
+    supports_native_join = True
+    #: ``result_failure_expires`` (Celery 5.7): FAILURE rows expire after their own period.
+    supports_failure_expires = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        failure_expires = self.app.conf.get("result_failure_expires")
+        self.failure_expires = (
+            self.expires if failure_expires is None else self.prepare_expires(failure_expires)
+        )
+
+    def prepare_compression(self, compression: str | None) -> None:
+        """Celery 5.7 applies ``result_compression`` to stored results: refused here."""
+        if compression:
+            raise ImproperlyConfigured(E_COMPRESSION.format(compression))
+        return None
 
     # -- retry policy -------------------------------------------------------
 
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
-        # Every write is an idempotent upsert, so connection-level errors,
-        # deadlocks and lock timeouts can be retried.
-        return isinstance(exc, (OperationalError, InterfaceError))
+        # Only a lost connection: every write is an idempotent upsert (chord parts count
+        # once), but a lock or statement timeout would only wait on the same lock again.
+        return db.on_statement_thread(lambda: db.is_connection_error(exc, db.write_alias()))
 
     def on_backend_retryable_error(self, exc: BaseException) -> None:
-        db.close_quietly(db.write_alias())
+        db.on_statement_thread(lambda: db.close_quietly(db.write_alias()))
+
+    def _retrying(self, operation: Callable[[str], T]) -> T:
+        """Run an idempotent database operation under the backend's retry policy.
+
+        ``result_backend_always_retry``, ``..._max_retries`` and the backoff settings, as
+        Celery applies them to stores (on every Celery version this package supports), on
+        top of ``run_with_reconnect``'s immediate retries after a lost connection.
+        """
+        retries = 0
+        while True:
+            try:
+                return db.run_with_reconnect(operation)
+            except Exception as exc:
+                if not (self.always_retry and self.exception_safe_to_retry(exc)):
+                    raise
+                if retries >= self.max_retries:
+                    raise
+                retries += 1
+                logger.warning("task table: %s; retry %d of %s", exc, retries, self.max_retries)
+                self.on_backend_retryable_error(exc)
+                self._sleep(
+                    get_exponential_backoff_interval(
+                        self.base_sleep_between_retries_ms,
+                        retries,
+                        self.max_sleep_between_retries_ms,
+                        True,
+                    )
+                    / 1000
+                )
 
     def as_uri(self, include_password: bool = False) -> str:
         return "django-celery-fulldbresult://"
@@ -108,8 +173,6 @@ class DatabaseResultBackend(BaseBackend):
         request: Any = None,
         **kwargs: Any,
     ) -> Any:
-        from .models import TaskResultMeta
-
         encoded = self._encode_result(result)
         now = timezone.now()
         # A retry is published from inside the task, so Celery lists the task as its own child.
@@ -124,7 +187,7 @@ class DatabaseResultBackend(BaseBackend):
             "result": encoded.data,
             "content_type": encoded.content_type,
             "content_encoding": encoded.content_encoding,
-            "traceback": traceback,
+            "traceback": serialization.text_safe(traceback),
             "meta": serialization.dumps({"children": children}) if children else None,
             "date_done": now if state in states.READY_STATES else None,
             "date_started": now if state == states.STARTED else None,
@@ -133,18 +196,22 @@ class DatabaseResultBackend(BaseBackend):
         retries = None
         # update_state(task_id=other) passes the *current* request: only use a
         # request's metadata for its own task.
-        if request is not None and getattr(request, "id", None) == task_id:
+        own_request = request is not None and getattr(request, "id", None) == task_id
+        if own_request:
             values.update(records.from_request(self.app, request))
             retries = records.request_retries(request)
+        # A revoke from outside the worker running the task (AsyncResult.revoke(), the
+        # control command) only ends a task that is still waiting (Celery 5.7's rule).
+        only_over = REVOCABLE_STATES if state == states.REVOKED and not own_request else None
 
         db.run_with_reconnect(
-            lambda using: TaskResultMeta.objects.store_state(values, using=using, retries=retries)
+            lambda using: TaskResultMeta.objects.store_state(
+                values, using=using, retries=retries, only_over=only_over
+            )
         )
         return result
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
-        from .models import TaskResultMeta
-
         row = db.run_with_reconnect(
             lambda using: (
                 TaskResultMeta.objects.using(using)
@@ -155,6 +222,9 @@ class DatabaseResultBackend(BaseBackend):
         )
         if row is None:
             return {"status": states.PENDING, "result": None}
+        return self._meta_from_row(row)
+
+    def _meta_from_row(self, row: dict[str, Any]) -> dict[str, Any]:
         meta = row["meta"] or {}
         args, kwargs = row["args"], row["kwargs"]
         if row["packed_args"] is not None:
@@ -189,20 +259,110 @@ class DatabaseResultBackend(BaseBackend):
             }
         )
 
-    def _forget(self, task_id: str) -> None:
-        from .models import TaskResultMeta
+    def task_result_exists(self, task_id: str) -> bool:
+        """``AsyncResult.exists()`` (Celery 5.7): is there a row for this task?
 
-        db.run_with_reconnect(
-            lambda using: (
-                TaskResultMeta.objects.using(using).filter(task_id=task_id)._raw_delete(using)
-            )
+        True for every recorded task, whatever its state (a publish-tracked PENDING row, a
+        SCHEDULED one); one indexed statement that never decodes the result.
+        """
+        return self._retrying(
+            lambda using: TaskResultMeta.objects.using(using).filter(task_id=task_id).exists()
         )
+
+    def _forget(self, task_id: str) -> None:
+        db.run_with_reconnect(
+            lambda using: TaskResultMeta.objects.using(using).filter(task_id=task_id).delete()
+        )
+
+    # -- waiting ------------------------------------------------------------
+
+    def wait_for(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        on_interval: Callable[[], Any] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the task is ready.
+
+        As Celery's reference backends do, ``on_interval`` runs after every read, including
+        the one that finds the task ready: ``AsyncResult.get()`` passes a check that re-raises
+        a failed parent's own error (a chord's failed header part) before the result's.
+        """
+        self._ensure_not_eager()
+        elapsed = 0.0
+        while True:
+            meta = self.get_task_meta(task_id)
+            if on_interval:
+                on_interval()
+            if meta["status"] in states.READY_STATES:
+                return meta
+            if timeout is not None and elapsed >= timeout:
+                raise self.TimeoutError("The operation timed out.")
+            nap = interval if timeout is None else min(interval, timeout - elapsed)
+            time.sleep(nap)
+            elapsed += nap
+
+    def get_many(
+        self,
+        task_ids: Iterable[str],
+        timeout: float | None = None,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        on_message: Callable[[dict], Any] | None = None,
+        on_interval: Callable[[], Any] | None = None,
+        max_iterations: int | None = None,
+        READY_STATES: frozenset = states.READY_STATES,  # noqa: N803 - Celery's signature
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield ``(task_id, meta)`` as tasks become ready: the native join of groups and
+        chords, one statement per ``GET_MANY_BATCH`` unready ids and poll."""
+        self._ensure_not_eager()
+        interval = 0.5 if interval is None else interval
+        waiting = set(task_ids)
+        for task_id in list(waiting):
+            cached = self._cache.get(task_id)
+            if cached is not None and cached["status"] in READY_STATES:
+                waiting.discard(task_id)
+                yield task_id, cached
+        elapsed, iterations = 0.0, 0
+        while waiting:
+            for meta in self._ready_metas(sorted(waiting), READY_STATES):
+                waiting.discard(meta["task_id"])
+                self._cache[meta["task_id"]] = meta
+                if on_message is not None:
+                    on_message(meta)
+                yield meta["task_id"], meta
+            if not waiting:
+                return
+            if timeout is not None and elapsed >= timeout:
+                raise self.TimeoutError(f"Operation timed out ({timeout})")
+            if on_interval:
+                on_interval()
+            nap = interval if timeout is None else min(interval, timeout - elapsed)
+            time.sleep(nap)
+            elapsed += nap
+            iterations += 1
+            if max_iterations and iterations >= max_iterations:
+                return
+
+    def _ready_metas(self, task_ids: list[str], ready: Iterable[str]) -> list[dict[str, Any]]:
+        ready = sorted(ready)
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(task_ids), GET_MANY_BATCH):
+            batch = task_ids[start : start + GET_MANY_BATCH]
+            rows += self._retrying(
+                lambda using, batch=batch: list(
+                    TaskResultMeta.objects.using(using)
+                    .filter(task_id__in=batch, status__in=ready)
+                    .values(*META_COLUMNS)
+                )
+            )
+        return [self._meta_from_row(row) for row in rows]
 
     # -- groups -------------------------------------------------------------
 
     def _save_group(self, group_id: str, result: GroupResult) -> GroupResult:
-        from .models import GroupResultMeta
-
         encoded = self._encode_result({"result": result.as_tuple()})
         row = GroupResultMeta(
             group_id=group_id,
@@ -223,8 +383,6 @@ class DatabaseResultBackend(BaseBackend):
         return result
 
     def _restore_group(self, group_id: str) -> dict[str, Any] | None:
-        from .models import GroupResultMeta
-
         row = db.run_with_reconnect(
             lambda using: (
                 GroupResultMeta.objects.using(using)
@@ -242,118 +400,142 @@ class DatabaseResultBackend(BaseBackend):
         }
 
     def _delete_group(self, group_id: str) -> None:
-        from .models import GroupResultMeta
-
         db.run_with_reconnect(
-            lambda using: (
-                GroupResultMeta.objects.using(using).filter(group_id=group_id)._raw_delete(using)
-            )
+            lambda using: GroupResultMeta.objects.using(using).filter(group_id=group_id).delete()
         )
 
-    # -- chords: counted in the database, no chord_unlock polling -----------
+    # -- chords: counted in the database (chords.py), no chord_unlock polling --
 
     def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
-        from .models import ChordCounter
-
         self.ensure_chords_allowed()
         header_result = self.app.GroupResult(*header_result_args)
         header_result.save(backend=self)
-        db.run_with_reconnect(
-            lambda using: ChordCounter.objects.using(using).bulk_create(
-                [ChordCounter(group_id=header_result.id)], ignore_conflicts=True
-            )
-        )
+        self._retrying(partial(chords.start, header_result.id))
 
     def set_chord_size(self, group_id: str, chord_size: int) -> None:
-        from .models import ChordCounter
+        self._retrying(partial(chords.set_size, group_id, int(chord_size)))
 
-        db.run_with_reconnect(
-            lambda using: db.upsert(
-                ChordCounter,
-                using,
-                [ChordCounter(group_id=group_id, total=chord_size)],
-                unique_fields=["group_id"],
-                update_fields=["total"],
-            )
-        )
+    def add_to_chord(self, group_id: str, result: Any) -> None:
+        """``Task.add_to_chord``: the chord waits for one more part, whose result the body
+        receives after the header's."""
 
-    def _count_chord_part(self, group_id: str) -> tuple[int, int | None] | None:
-        """Add one finished part; return (finished, total), or None if the chord is unknown.
+        def grow(using: str) -> None:
+            with transaction.atomic(using=using):
+                # The counter's row lock orders concurrent additions to the saved group.
+                if not chords.grow(group_id, 1, using):
+                    raise ChordError(f"chord {group_id} is unknown or finished: not added")
+                # Our own read, not restore_group(): Celery's retries must not run inside
+                # this transaction.
+                header = self._restore_group(group_id)["result"]
+                header.results.append(result)
+                self._save_group(group_id, header)
 
-        Not retried on error: an increment is not idempotent.
-        """
-        from .models import ChordCounter
-
-        using = db.write_alias()
-        with transaction.atomic(using=using):
-            counters = ChordCounter.objects.using(using).filter(group_id=group_id)
-            if not counters.update(count=F("count") + 1):
-                return None
-            # Same transaction: we read our own increment, and the row lock
-            # taken by the UPDATE orders concurrent parts.
-            return counters.values_list("count", "total").get()
+        self._retrying(grow)
 
     def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> None:
-        from celery.canvas import maybe_signature
+        """Count this header part once; the part that completes the chord sends its body.
 
-        from .models import ChordCounter
-
-        group_id = getattr(request, "group", None)
-        if not group_id or not getattr(request, "chord", None):
+        Counting runs under the retry policy of stores: it is idempotent (the same call
+        repeated gives the same answer), so a part is never counted twice, and a lost
+        connection at the last part does not leave the chord waiting.
+        """
+        group_id, task_id = getattr(request, "group", None), getattr(request, "id", None)
+        if not group_id or not task_id or not getattr(request, "chord", None):
+            return
+        token = uuid.uuid4().hex
+        count = partial(
+            chords.count_part, group_id, task_id, getattr(request, "group_index", None), token
+        )
+        counted = self._retrying(partial(count, fallback_total=request.chord.get("chord_size")))
+        if counted.progress is chords.Progress.WAITING and counted.total is None:
+            # No size was recorded (set_chord_size never came): the header's own length.
+            deps = self.restore_group(group_id, cache=False)
+            if deps is not None:
+                counted = self._retrying(partial(count, fallback_total=len(deps)))
+        if counted.progress is chords.Progress.UNKNOWN:
+            logger.warning("chord %s: no counter (not ours, or expired); part ignored", group_id)
+        if counted.progress is not chords.Progress.CLAIMED:
             return
         callback = maybe_signature(request.chord, app=self.app)
-        counted = self._count_chord_part(group_id)
-        if counted is None:
-            return self.chord_error_from_stack(
-                callback, ChordError(f"chord counter of group {group_id} no longer exists")
-            )
-        finished, total = counted
-        deps = GroupResult.restore(group_id, backend=self)
-        if deps is None:
-            return self.chord_error_from_stack(
-                callback, ChordError(f"GroupResult {group_id} no longer exists")
-            )
-        size = total or request.chord.get("chord_size") or len(deps)
-        if finished < size:
-            return None
+        self._cache.pop(group_id, None)
+        if not self._complete_chord(group_id, token, callback):
+            logger.warning("chord %s: claim taken over; the body is left to its holder", group_id)
+        elif not self._retrying(partial(chords.finish, group_id, token)):
+            logger.warning("chord %s: claim taken over before it was marked done", group_id)
+
+    def _complete_chord(self, group_id: str, token: str, callback: Any) -> bool:
+        """Join the header (a statement per batch of parts), then send the body or fail it.
+
+        False when another call took the claim over meanwhile (nothing was sent).
+        """
+        deps = None
         try:
+            deps = self.restore_group(group_id, cache=False)
+            if deps is None:
+                raise ChordError(f"GroupResult {group_id} no longer exists")
+            join = deps.join_native if deps.supports_native_join else deps.join
             with allow_join_result():
-                ret = deps.join(timeout=self.app.conf.result_chord_join_timeout, propagate=True)
+                values = join(timeout=self.app.conf.result_chord_join_timeout, propagate=True)
         except Exception as exc:  # noqa: BLE001 - reported to the chord's errbacks
-            try:
-                culprit = next(deps._failed_join_report())
-                reason = f"Dependency {culprit.id} raised {exc!r}"
-            except StopIteration:
-                reason = repr(exc)
+            reason = self._failed_part(deps, exc)
             logger.exception("Chord %r raised: %r", group_id, reason)
-            self.chord_error_from_stack(callback, ChordError(reason))
-        else:
-            try:
-                callback.delay(ret)
-            except Exception as exc:  # noqa: BLE001
-                logger.exception("Chord %r raised: %r", group_id, exc)
-                self.chord_error_from_stack(callback, ChordError(f"Callback error: {exc!r}"))
-        finally:
-            deps.delete()
-            db.run_with_reconnect(
-                lambda using: (
-                    ChordCounter.objects.using(using).filter(group_id=group_id)._raw_delete(using)
-                )
-            )
-        return None
+            error = exc if isinstance(exc, ChordError) else _chord_error(reason, exc)
+            self.chord_error_from_stack(callback, error)
+            return True
+        if not self._retrying(partial(chords.renew, group_id, token)):
+            return False
+        try:
+            callback.delay(values)
+        except Exception as exc:  # noqa: BLE001 - reported to the chord's errbacks
+            logger.exception("Chord %r raised: %r", group_id, exc)
+            self.chord_error_from_stack(callback, _chord_error(f"Callback error: {exc!r}", exc))
+        return True
+
+    def _failed_part(self, deps: GroupResult | None, exc: BaseException) -> str:
+        """Celery's reason text: which header part raised (the join cached its state)."""
+        if isinstance(exc, ChordError) or deps is None:
+            return repr(exc)
+        for part in deps.results:
+            meta = self._cache.get(part.id)
+            if meta is not None and meta["status"] in states.PROPAGATE_STATES:
+                return f"Dependency {part.id} raised {exc!r}"
+        return repr(exc)
 
     # -- expiry -------------------------------------------------------------
 
     def cleanup(self) -> None:
-        """``celery.backend_cleanup``: delete final rows older than ``result_expires``."""
-        from .models import ChordCounter, GroupResultMeta, TaskResultMeta
+        """``celery.backend_cleanup``: delete final rows older than ``result_expires``
+        (FAILURE rows: ``result_failure_expires``), groups, and finished chords."""
+        db.on_statement_thread(self._cleanup)
 
-        if not self.expires:
-            return
+    def _cleanup(self) -> None:
         using = db.write_alias()
         batch = int(conf.get("CLEANUP_BATCH_SIZE"))
-        tasks = TaskResultMeta.objects.delete_expired(self.expires, using=using, batch_size=batch)
-        groups = GroupResultMeta.objects.delete_expired(self.expires, using=using, batch_size=batch)
-        cutoff = timezone.now() - timedelta(seconds=self.expires)
-        ChordCounter.objects.using(using).filter(date_created__lt=cutoff)._raw_delete(using)
+        periods: dict[float, list[str]] = {}
+        for state, period in (
+            (states.SUCCESS, self.expires),
+            (states.REVOKED, self.expires),
+            (states.FAILURE, self.failure_expires),
+        ):
+            if period:  # None or 0: never
+                periods.setdefault(period, []).append(state)
+        tasks = sum(
+            TaskResultMeta.objects.delete_expired(
+                period, using=using, batch_size=batch, states=expiring
+            )
+            for period, expiring in periods.items()
+        )
+        groups = 0
+        if self.expires:
+            groups = GroupResultMeta.objects.delete_expired(
+                self.expires, using=using, batch_size=batch
+            )
+            chords.expire(timezone.now() - timedelta(seconds=self.expires), using)
         logger.info("backend cleanup: deleted %d task rows and %d group rows", tasks, groups)
+
+
+def _chord_error(reason: str, cause: BaseException) -> ChordError:
+    """Celery's chord error, keeping the part's exception as its cause (as 5.7 does)."""
+    error = ChordError(reason)
+    error.__cause__ = cause
+    return error

@@ -89,6 +89,17 @@ def loads(
         raise TypeError(f"cannot decode stored value: {exc}") from exc
 
 
+def text_safe(value: str | None) -> str | None:
+    """A display text (a repr, a traceback) that every database's text column holds.
+
+    PostgreSQL refuses NUL characters in text; Celery's reprs and tracebacks keep them
+    raw. They are shown as ``\\x00``, as ``repr()`` shows them.
+    """
+    if value is None or "\x00" not in value:
+        return value
+    return value.replace("\x00", "\\x00")
+
+
 def json_text_or_none(value: Any) -> str | None:
     """JSON text for ``value``, or None when JSON (or the database) cannot hold it.
 
@@ -116,17 +127,18 @@ class EncodedCall:
 def encode_call(args: Any, kwargs: Any, serializer: str) -> EncodedCall:
     """Encode args/kwargs for storage.
 
-    JSON when it can hold them; otherwise packed with the task serializer, or
-    with pickle when that is JSON too (a message whose arguments JSON cannot
-    hold was sent with another serializer, most often pickle).
+    JSON columns when they can hold them; otherwise packed with ``serializer``, the one
+    the task message uses: what the message carried, the row holds, and no serializer the
+    app did not choose is ever introduced. (JSON messages can carry NaN, Infinity and
+    strings with NUL, which the JSON columns cannot hold: those are packed as JSON text.)
+    Raises kombu's ``EncodeError`` when ``serializer`` cannot encode them either.
     """
     args = list(args or ())
     kwargs = dict(kwargs or {})
     args_text, kwargs_text = json_text_or_none(args), json_text_or_none(kwargs)
     if args_text is not None and kwargs_text is not None:
         return EncodedCall(args_text, kwargs_text)
-    packer = serializer if serializer != "json" else "pickle"
-    content_type, _encoding, payload = kombu_dumps([args, kwargs], serializer=packer)
+    content_type, _encoding, payload = kombu_dumps([args, kwargs], serializer=serializer)
     if isinstance(payload, str):
         payload = payload.encode("utf-8")
     return EncodedCall(None, None, payload, content_type)
@@ -162,14 +174,21 @@ def forced_json(value: Any) -> EncodedResult:
 
 
 def encode_result_json(value: Any, force: bool) -> EncodedResult:
-    """Encode a result as plain JSON (USE_JSON), optionally forcing unencodable values."""
+    """Encode a result as JSON, optionally forcing values JSON cannot hold (FORCE_JSON).
+
+    Strict JSON when it can (queryable as a JSON column); NaN and Infinity, which Celery's
+    JSON messages and results carry, as kombu's JSON (the stored text is what Celery would
+    store; only a cast of that row to a JSON column refuses it).
+    """
     try:
-        data = dumps(value)
+        return EncodedResult(dumps(value), JSON_CONTENT_TYPE, "utf-8")
     except TypeError as exc:
-        if force:
-            return forced_json(value)
-        raise EncodeError(str(exc)) from exc
-    return EncodedResult(data, JSON_CONTENT_TYPE, "utf-8")
+        try:
+            return EncodedResult(kombu_json.dumps(value), JSON_CONTENT_TYPE, "utf-8")
+        except (TypeError, ValueError):
+            if force:
+                return forced_json(value)
+            raise EncodeError(str(exc)) from exc
 
 
 def decode_result(data: str | None, content_type: str, content_encoding: str, accept) -> Any:

@@ -24,6 +24,12 @@ TERMINAL_STATES = FINAL_STATES
 #: not final either.
 UNFINISHED_STATES = frozenset({PENDING, RECEIVED, STARTED, RETRY, SCHEDULED, SCHEDULED_SENT})
 
+#: States a revoke from outside the worker running the task may end (Celery 5.7's rule: a
+#: task another worker started, or that has a result, is left to that worker).
+REVOCABLE_STATES = frozenset(
+    {PENDING, RECEIVED, RETRY, celery_states.REJECTED, SCHEDULED, SCHEDULED_SENT}
+)
+
 ALL_STATES = frozenset(celery_states.ALL_STATES) | {SCHEDULED, SCHEDULED_SENT}
 
 #: Sorted so that migrations stay stable.

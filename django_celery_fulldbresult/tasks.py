@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from . import scheduling
+from . import scheduler
 
 
 class ScheduledTask(Task):
@@ -14,7 +14,9 @@ class ScheduledTask(Task):
 
     ``@shared_task(base=ScheduledTask)``, or app-wide with
     ``Celery("proj", task_cls="django_celery_fulldbresult.tasks:ScheduledTask")``.
-    Needs ``DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA = True``.
+    Needs ``DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA = True``. Per call,
+    ``apply_async(..., db_schedule="transaction")`` binds the row to the caller's
+    transaction and ``db_schedule=False`` keeps the broker's ETA (``scheduler.intercept``).
     """
 
     def apply_async(
@@ -28,14 +30,20 @@ class ScheduledTask(Task):
         shadow: str | None = None,
         **options: Any,
     ) -> Any:
+        app = self._get_app()
+        if scheduler.is_installed(app):  # the app's send_task decides, for every call
+            return super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+        db_schedule = scheduler.intercept.strip_option(options)
         if options.get("eta") is not None or options.get("countdown") is not None:
             # The same options apply_async would hand to send_task.
             call = dict(self._get_exec_options(), **options)
             call.setdefault("ignore_result", self.ignore_result)
             if self.priority:
                 call.setdefault("priority", self.priority)
-            result = scheduling.maybe_schedule(
-                self._get_app(),
+            result = scheduler.maybe_schedule(
+                app,
                 self.name,
                 args,
                 kwargs,
@@ -45,6 +53,7 @@ class ScheduledTask(Task):
                 shadow=shadow,
                 result_cls=self.AsyncResult,
                 task_type=self,
+                db_schedule=db_schedule,
                 **call,
             )
             if result is not None:
@@ -63,4 +72,4 @@ def send_scheduled_task(batch_size: int | None = None, max_seconds: float = 50.0
     """
     from celery import current_app
 
-    return scheduling.forward_due(current_app, batch_size, max_seconds=max_seconds).sent
+    return scheduler.forward_due(current_app, batch_size, max_seconds=max_seconds).sent

@@ -108,7 +108,7 @@ def run_tasks() -> str:
     Returns the id of a failed task that succeeds when retried.
     """
     from django_celery_fulldbresult.models import TaskResultMeta
-    from django_celery_fulldbresult.scheduling import cancel_scheduled
+    from django_celery_fulldbresult.scheduler import cancel_scheduled
     from testproject.demo import tasks
 
     def state(result: Any) -> str:

@@ -283,7 +283,7 @@ def tz_checks() -> list[str]:
     from django.conf import settings
     from django.utils import timezone as dj_timezone
 
-    from django_celery_fulldbresult import scheduling
+    from django_celery_fulldbresult import scheduler
     from testproject.demo.tasks import echo
 
     TaskResultMeta, app = _models()
@@ -311,7 +311,7 @@ def tz_checks() -> list[str]:
     )
     if task_id in _claim_and_release():
         problems.append("a row due in an hour was claimed")
-    if scheduling.seconds_until_next(cap=5.0) > 5.0:
+    if scheduler.seconds_until_next("default", cap=5.0) > 5.0:
         problems.append("seconds_until_next exceeds its cap")
     TaskResultMeta.objects.filter(task_id=task_id).delete()
     return problems
@@ -319,11 +319,11 @@ def tz_checks() -> list[str]:
 
 def _claim_and_release() -> set[str]:
     """The ids a sender would claim now (claims given back at once)."""
-    from django_celery_fulldbresult import scheduling
+    from django_celery_fulldbresult.scheduler import claims
 
     TaskResultMeta, _ = _models()
     token = uuid.uuid4()
-    claimed = {r["task_id"] for r in scheduling.claim("default", token, 10_000)}
+    claimed = {r["task_id"] for r in claims.claim("default", token, 10_000)}
     TaskResultMeta.objects.filter(scheduled_id=token).update(scheduled_id=None, date_claimed=None)
     return claimed
 

@@ -313,6 +313,20 @@ def states_of(ids: list[str]) -> dict[str, tuple[str, int]]:
     return found
 
 
+def why(ids: list[str], limit: int = 3) -> list[str]:
+    """What the rows of ``ids`` say about themselves: state, worker, runs and the end of the
+    traceback (a scenario's failure message, so that a failed CI run can be diagnosed)."""
+    from django_celery_fulldbresult.models import TaskResultMeta
+
+    rows = TaskResultMeta.objects.filter(task_id__in=ids[:limit])
+    return [
+        f"{task_id} {status} on {hostname}: {(traceback or '').strip()[-400:]}"
+        for task_id, status, hostname, traceback in rows.values_list(
+            "task_id", "status", "hostname", "traceback"
+        )
+    ]
+
+
 def count_in(ids: list[str], **filters: Any) -> int:
     from django_celery_fulldbresult.models import TaskResultMeta
 
@@ -406,19 +420,20 @@ def real_ports() -> tuple[int, int]:
 
 @contextlib.contextmanager
 def scheduling_on() -> Iterator[None]:
-    """SCHEDULE_ETA + the monkey patch in this process (the children get the env knob)."""
+    """SCHEDULE_ETA + interception on this process's app (the children get the env knob)."""
     from django.test import override_settings
 
-    from django_celery_fulldbresult import scheduling
+    from django_celery_fulldbresult import scheduler
+    from testproject.celery_app import app
 
-    patched = scheduling._original_send_task is not None
+    installed = scheduler.is_installed(app)
     with override_settings(
         DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA=True,
         DJANGO_CELERY_FULLDBRESULT_MONKEY_PATCH_ASYNC=True,
     ):
-        scheduling.patch_send_task()
+        scheduler.install(app)
         try:
             yield
         finally:
-            if not patched:
-                scheduling.unpatch_send_task()
+            if not installed:
+                scheduler.uninstall(app)

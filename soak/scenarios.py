@@ -418,7 +418,8 @@ def database_outage(ctx: Context) -> Outcome:
     out.check(
         not bad,
         f"{len(bad)} scheduled tasks lost, duplicated or wrong ({stranded} still claimed, "
-        f"states {Counter(states.get(i, ('none', 0))[0] for i in bad)}) {bad[:3]}",
+        f"states {Counter(states.get(i, ('none', 0))[0] for i in bad)}) {bad[:3]} "
+        f"runs {[len(runs.get(i, [])) for i in bad[:3]]} {harness.why(bad)}",
     )
     errors_seen = "run_scheduler:" in sender_log
     out.check(errors_seen, "the sender saw no database error: the outage was not felt")

@@ -85,7 +85,8 @@ def _database() -> dict:
         db = {
             "ENGINE": "django.db.backends.mysql",
             "NAME": DB_NAME,
-            "USER": "root",
+            # FULLDB_DB_USER: another account (tests count a worker's sessions by user).
+            "USER": os.environ.get("FULLDB_DB_USER", "root"),
             "PASSWORD": "",
             "HOST": "127.0.0.1",
             "PORT": os.environ.get("FULLDB_DB_PORT", "3306"),
@@ -111,6 +112,16 @@ def _database() -> dict:
 DATABASES = {"default": _database()}
 # A connection that died under a long-lived worker thread is replaced at its next use.
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# FULLDB_CONN_MAX_AGE: Django's CONN_MAX_AGE (tests of connection recycling).
+if os.environ.get("FULLDB_CONN_MAX_AGE"):
+    DATABASES["default"]["CONN_MAX_AGE"] = int(os.environ["FULLDB_CONN_MAX_AGE"])
+# FULLDB_CONNECTION_ALIAS=1: the package's own connection is a DATABASES alias of ours.
+if os.environ.get("FULLDB_CONNECTION_ALIAS") == "1":
+    DATABASES["fulldb_autocommit"] = {**DATABASES["default"], "TEST": {"MIRROR": "default"}}
+    DJANGO_CELERY_FULLDBRESULT_CONNECTION = "fulldb_autocommit"
+# FULLDB_DB_POOL=1: Django 5.1+'s psycopg connection pool (PostgreSQL).
+if os.environ.get("FULLDB_DB_POOL") == "1":
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": 4}
 
 
 def _broker() -> tuple[str, dict]:
@@ -176,6 +187,9 @@ if os.environ.get("FULLDB_DB_REUSE_MAX", "1000"):
     CELERY_DB_REUSE_MAX = int(os.environ.get("FULLDB_DB_REUSE_MAX", "1000"))
 
 DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = True
+# This suite tests the production connection model (a user's suite gets the test's own
+# connection: see tests/test_user_project.py).
+DJANGO_CELERY_FULLDBRESULT_DEDICATED_CONNECTION_IN_TESTS = True
 # The PeriodicTask admin with "Run now" and links to the results.
 DJANGO_CELERY_FULLDBRESULT_OVERRIDE_BEAT_ADMIN = True
 DJANGO_CELERY_FULLDBRESULT_WORKER_HEARTBEAT = float(os.environ.get("FULLDB_HEARTBEAT", "2"))

@@ -1,4 +1,10 @@
 from django.contrib import admin
 from django.urls import path
 
-urlpatterns = [path("admin/", admin.site.urls)]
+from testproject.demo import views
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("demo/send-tasks/", views.send_tasks),
+    path("demo/publish/", views.publish),
+]

@@ -32,6 +32,9 @@ def queue_name(purpose: str) -> str:
     return f"{QUEUE_PREFIX}-{purpose}"
 
 
+HELD = queue_name("held")  # no worker consumes it: what the scheduler forwards stays there
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05):
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -80,6 +83,38 @@ def _close_dedicated_connections(django_db_setup):
     from django_celery_fulldbresult import db
 
     db.close_all()
+
+
+#: Whether ``apply_async`` waits for the PENDING row publish tracking writes behind.
+_FLUSH_AFTER_PUBLISH = {"on": True}
+
+
+def _flush_after_publish(**_: object) -> None:
+    if _FLUSH_AFTER_PUBLISH["on"]:
+        from django_celery_fulldbresult import publish
+
+        assert publish.flush(60), "publish tracking's writer did not flush in 60 s"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _publish_rows_written_at_once():
+    """``apply_async`` returns once its PENDING row is written, as in a user's tests (there
+    tracking writes in ``apply_async`` itself, ``publish.writes_behind``): our suite runs
+    with the package's own connection, where the row is written behind, by a thread. The
+    rows still go through that thread; the ``written_behind`` fixture turns the wait off."""
+    from celery.signals import after_task_publish
+
+    after_task_publish.connect(_flush_after_publish, weak=False, dispatch_uid="tests.flush")
+    yield
+    after_task_publish.disconnect(dispatch_uid="tests.flush")
+
+
+@pytest.fixture
+def written_behind():
+    """``apply_async`` returns before the PENDING row is written (the production path)."""
+    _FLUSH_AFTER_PUBLISH["on"] = False
+    yield
+    _FLUSH_AFTER_PUBLISH["on"] = True
 
 
 def _purge(app, names: list[str] | None = None) -> None:
@@ -248,6 +283,27 @@ def browser() -> Iterator[object]:
                 yield instance
             finally:
                 instance.close()
+
+
+@pytest.fixture
+def scheduling_on(settings, celery_app):
+    """The database ETA scheduler on (``ScheduledTask``), the held queue empty."""
+    settings.DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA = True
+    with celery_app.connection_for_write() as conn:  # what an earlier failed run left there
+        simple = conn.SimpleQueue(HELD)
+        simple.clear()
+        simple.close()
+    yield settings
+
+
+@pytest.fixture
+def patched(scheduling_on, celery_app):
+    """... and installed on the test app (as MONKEY_PATCH_ASYNC does): every call."""
+    from django_celery_fulldbresult import scheduler
+
+    scheduler.install(celery_app)
+    yield scheduling_on
+    scheduler.uninstall(celery_app)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from django_celery_fulldbresult import SCHEDULED, SCHEDULED_SENT, scheduling
+from django_celery_fulldbresult import SCHEDULED, SCHEDULED_SENT, scheduler
 from django_celery_fulldbresult.models import TaskResultMeta
 from testproject.demo import tasks
 from testproject.demo.models import Run
@@ -98,14 +98,6 @@ def client_for(user) -> Client:
     client = Client()
     client.force_login(user)
     return client
-
-
-@pytest.fixture
-def patched(settings):
-    settings.DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA = True
-    scheduling.patch_send_task()
-    yield settings
-    scheduling.unpatch_send_task()
 
 
 # -- changelist, filters, search ----------------------------------------------------
@@ -408,7 +400,7 @@ def test_cancel_scheduled_tasks(admin_client, patched, celery_app):
     assert any(done.task_id in m and "not scheduled (state SUCCESS)" in m for m in messages)
     assert row(waiting.id).status == states.REVOKED
     assert row(held.id).status == SCHEDULED
-    assert scheduling.forward_due(celery_app).sent == 0
+    assert scheduler.forward_due(celery_app).sent == 0
     assert held_messages(celery_app) == []
 
 
@@ -423,7 +415,7 @@ def test_send_scheduled_now_runs_the_task_once(admin_client, patched, celery_app
     messages = texts(act(admin_client, "send_scheduled_now", [row(result.id)]))
     assert any("not scheduled (state SUCCESS)" in m for m in messages)
     TaskResultMeta.objects.filter(task_id=result.id).update(eta=timezone.now())
-    assert scheduling.forward_due(celery_app).sent == 0
+    assert scheduler.forward_due(celery_app).sent == 0
     assert Run.objects.filter(task_id=result.id).count() == 1
 
 
@@ -434,8 +426,8 @@ def test_send_now_never_takes_a_row_a_sender_holds(admin_client, patched, celery
     assert any("a sender is forwarding it right now" in m for m in messages)
     # Even when the page was built before the sender took it.
     free = tasks.add.apply_async((2, 2), countdown=3600, queue=HELD)
-    assert scheduling.send_now(celery_app, [free.id]) == {free.id: "sent"}
-    assert scheduling.send_now(celery_app, [free.id]) == {free.id: "not claimed"}
+    assert scheduler.send_now(celery_app, [free.id]) == {free.id: "sent"}
+    assert scheduler.send_now(celery_app, [free.id]) == {free.id: "not claimed"}
     assert [m.headers["id"] for m in held_messages(celery_app)] == [free.id]
     assert row(free.id).status == SCHEDULED_SENT
 

@@ -161,12 +161,3 @@ def test_writes_without_any_request_on_an_existing_row(celery_app):
     backend.store_result(task_id, 5, states.SUCCESS)
     stored = row(task_id)
     assert (stored.status, stored.task) == (states.SUCCESS, "")
-
-
-def test_store_result_called_with_keywords_as_celery_57_does(celery_app):
-    backend = celery_app.backend
-    task_id = str(uuid.uuid4())
-    backend._store_result(
-        task_id=task_id, result=9, state=states.SUCCESS, traceback=None, request=None
-    )
-    assert backend.get_task_meta(task_id)["result"] == 9

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import timedelta
 from fractions import Fraction
@@ -71,16 +72,49 @@ def test_pickle_is_never_decoded_unless_accepted(celery_app):
     assert row.get_result(accept=["pickle"]) == Fraction(1, 3)
 
 
-def test_arguments_json_cannot_hold_are_packed_not_lost(celery_app):
-    result = tasks.echo.apply_async(
-        (Fraction(1, 3),), {"n": Fraction(2, 3)}, serializer="pickle", queue=NOBODY
-    )
+def test_arguments_json_cannot_hold_are_packed_with_a_serializer_the_app_accepts(celery_app):
+    """A pickle call in an app that accepts pickle: packed with pickle, never lost."""
+    accepted = celery_app.conf.accept_content
+    celery_app.conf.accept_content = ["json", "pickle"]
+    try:
+        result = tasks.echo.apply_async(
+            (Fraction(1, 3),), {"n": Fraction(2, 3)}, serializer="pickle", queue=NOBODY
+        )
+    finally:
+        celery_app.conf.accept_content = accepted
     row = TaskResultMeta.objects.get(task_id=result.id)
     assert row.args is None and row.packed_args is not None
     assert row.get_call(accept=["pickle"]) == ([Fraction(1, 3)], {"n": Fraction(2, 3)})
     with pytest.raises(ContentDisallowed):
         row.get_call(accept=["json"])
     drain(celery_app)
+
+
+def test_a_serializer_the_app_does_not_accept_is_never_introduced(celery_app, caplog):
+    """The same call in a JSON-only app: the row keeps the reprs, and says it cannot be
+    replayed, instead of holding a pickle nobody may read."""
+    result = tasks.echo.apply_async((Fraction(1, 3),), serializer="pickle", queue=NOBODY)
+    row = TaskResultMeta.objects.get(task_id=result.id)
+    assert row.packed_args is None and row.args is None and not row.replayable
+    assert row.argsrepr == "(1/3,)"  # what the message showed
+    assert "with a serializer the app accepts" in caplog.text
+    drain(celery_app)
+
+
+@pytest.mark.usefixtures("worker")
+def test_nan_infinity_and_nul_are_kept_exactly_on_every_path(celery_app):
+    """Values a JSON message carries but a JSON column cannot (NaN, Infinity, NUL): the
+    publish record and the worker's writes keep them as the message's own JSON, the
+    result too, and the reprs stay storable (PostgreSQL text refuses a raw NUL)."""
+    args = ["a\x00b", math.inf]
+    result = tasks.echo.apply_async(args, {"ratio": math.nan})
+    returned = result.get(timeout=20)
+    assert returned["args"] == args and math.isnan(returned["kwargs"]["ratio"])
+    row = TaskResultMeta.objects.get(task_id=result.id)
+    assert row.packed_args_content_type == "application/json"
+    stored_args, stored_kwargs = row.get_call(accept=["json"])
+    assert stored_args == args and math.isnan(stored_kwargs["ratio"])
+    assert "\x00" not in row.argsrepr and "\\x00" in row.argsrepr
 
 
 def test_serialization_helpers_for_manual_replay():
@@ -164,7 +198,8 @@ def test_backend_cleanup_deletes_only_old_final_rows_in_batches(celery_app, sett
     assert not remaining & {row.task_id for row in expired}
     assert not GroupResultMeta.objects.filter(group_id="g-old").exists()
     assert signalled == []
-    assert len(queries) == 3
+    statements = [q["sql"] for q in queries if q["sql"] not in ("BEGIN", "COMMIT")]
+    assert len(statements) == 3  # tasks, groups, finished chords
 
 
 def test_delete_expired_statement_count(celery_app, task_db):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -12,11 +15,11 @@ from celery import states
 from celery.signals import before_task_publish
 from django.db import connection, transaction
 
-from django_celery_fulldbresult import publish, records
+from django_celery_fulldbresult import publish, publish_writer, records
 from django_celery_fulldbresult.models import TaskResultMeta
 from testproject.demo import tasks
 
-from .conftest import STACK, queue_name, requires_server_db, take_messages
+from .conftest import REPO, STACK, queue_name, requires_server_db, take_messages, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -127,7 +130,8 @@ def test_worker_finishing_before_the_pending_row_keeps_its_state(worker, celery_
     finally:
         before_task_publish.disconnect(capture)
     assert TaskResultMeta.objects.get(task_id=result.id).date_submitted is None
-    publish.record(captured["values"])  # the late PENDING write
+    publish.record(captured["values"])  # the late PENDING write (written behind)
+    assert publish.flush()
     row = TaskResultMeta.objects.get(task_id=result.id)
     assert row.status == states.SUCCESS and row.get_result() == 42
     assert row.date_submitted is not None and row.date_done is not None
@@ -172,3 +176,58 @@ def test_sqlite_publishing_inside_atomic_joins_the_callers_transaction(celery_ap
         assert TaskResultMeta.objects.filter(task_id=result.id).exists()
     assert time.monotonic() - started < 5
     drain(celery_app)
+
+
+# -- written behind (publish_writer) ------------------------------------------------------
+
+
+def test_rows_are_written_behind_many_per_statement(written_behind, celery_app):
+    """apply_async only queues its row; the writer thread writes the queue in batches."""
+    before = publish_writer.writer.batches
+    ids = [tasks.add.apply_async((i, i), queue=NOBODY).id for i in range(300)]
+    wait_for(lambda: TaskResultMeta.objects.filter(task_id__in=ids).count() == 300, 30)
+    assert publish.flush()
+    batches = publish_writer.writer.batches - before
+    assert 1 <= batches < 100, batches
+    row = TaskResultMeta.objects.get(task_id=ids[7])
+    assert row.status == states.PENDING and row.task == tasks.add.name
+    assert row.get_call() == ([7, 7], {}) and row.queue == NOBODY
+    assert sorted(drain(celery_app)) == sorted(ids)
+
+
+def test_a_process_that_exits_right_after_publishing_leaves_every_row(celery_app, tmp_path):
+    """The rows still queued when the process exits are written first (atexit)."""
+    script = (
+        "import django, sys; django.setup()\n"
+        "from testproject.demo import tasks\n"
+        f"ids = [tasks.add.apply_async((i, i), queue={NOBODY!r}).id for i in range(500)]\n"
+        f"open({str(tmp_path / 'ids')!r}, 'w').write(' '.join(ids))\n"
+        "sys.exit(0)\n"
+    )
+    env = {**os.environ, "FULLDB_TEST_DB": "1", "PYTHONPATH": str(REPO)}
+    env["DJANGO_SETTINGS_MODULE"] = "testproject.settings"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    ids = (tmp_path / "ids").read_text().split()
+    assert len(ids) == 500
+    assert TaskResultMeta.objects.filter(task_id__in=ids, status=states.PENDING).count() == 500
+    assert len(drain(celery_app)) == 500
+
+
+@requires_server_db
+def test_a_row_the_database_refuses_costs_only_that_row(written_behind, caplog):
+    """A batch with one row the database refuses (a queue name too long for its column):
+    the other rows of the batch are written, the refused one is logged with its task id."""
+    good = [{"task_id": str(uuid.uuid4()), "task": "demo.good", "status": states.PENDING}]
+    good.append({**good[0], "task_id": str(uuid.uuid4())})
+    bad = {"task_id": str(uuid.uuid4()), "task": "demo.bad", "queue": "q" * 300}
+    with caplog.at_level(logging.ERROR, logger="django_celery_fulldbresult"):
+        for row in (good[0], {**bad, "status": states.PENDING}, good[1]):
+            assert publish_writer.writer.submit(row)
+        assert publish.flush()
+    found = set(TaskResultMeta.objects.values_list("task_id", flat=True))
+    assert {row["task_id"] for row in good} <= found and bad["task_id"] not in found
+    assert f"the task {bad['task_id']} (demo.bad)" in caplog.text
+    assert good[0]["task_id"] not in caplog.text

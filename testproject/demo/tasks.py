@@ -78,6 +78,36 @@ def tsum(values):
     return sum(values)
 
 
+@shared_task(bind=True)
+def grow_chord(self, extra=2):
+    """A chord header task that adds ``extra`` more parts to its chord (``add(i, i)``)."""
+    for index in range(extra):
+        self.add_to_chord(add.si(index, index))
+    return 0
+
+
+@shared_task(ignore_result=True)
+def record_ignored(value=None):
+    """``record_run`` whose result nobody wants (``ignore_result=True``)."""
+    from testproject.demo.models import Run
+
+    Run.objects.create(task_id=record_ignored.request.id, pid=os.getpid())
+    return value
+
+
+@shared_task(bind=True, max_retries=2)
+def retry_in_atomic(self):
+    """Records each attempt, then retries from inside ``transaction.atomic()`` (a task that
+    does its work in a transaction and retries when it fails)."""
+    from django.db import transaction
+
+    from testproject.demo.models import Run
+
+    Run.objects.create(task_id=self.request.id, pid=os.getpid())
+    with transaction.atomic():
+        raise self.retry(exc=RuntimeError(f"attempt {self.request.retries}"), countdown=1)
+
+
 @shared_task(ignore_result=True)
 def fire_and_forget():
     return "ignored"

@@ -6,7 +6,7 @@ from celery import current_app
 from django.core.management.base import BaseCommand
 from django.db.models import F
 
-from django_celery_fulldbresult import scheduling
+from django_celery_fulldbresult import scheduler
 from django_celery_fulldbresult.management.delta import (
     ROW_FIELDS,
     add_delta_arguments,
@@ -28,11 +28,23 @@ class Command(BaseCommand):
         parser.add_argument(
             "--resend",
             action="store_true",
-            help="Send the listed tasks again (a task that did reach the broker runs twice).",
+            help="Send the listed tasks again (a task that did reach the broker runs twice). "
+            "Only claims older than a safe age are resent (4 x SCHEDULER_CONFIRM_TIMEOUT, at "
+            "least 60 s): a live sender's batch is never taken; the age options may ask for "
+            "older claims, never younger ones.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        stale = TaskResultMeta.objects.get_stale_scheduled_tasks(delta_from_options(options))
+        age = delta_from_options(options)
+        if options["resend"]:
+            safe = scheduler.safe_resend_age()
+            if age < safe:
+                self.stderr.write(
+                    f"--resend: only claims older than {safe.total_seconds():.0f} s are "
+                    "resent (a younger one may be a live sender's batch in flight)"
+                )
+                age = safe
+        stale = TaskResultMeta.objects.get_stale_scheduled_tasks(age)
         rows = list(
             stale.annotate(reference_date=F("date_claimed"))
             .order_by("date_claimed")
@@ -40,10 +52,10 @@ class Command(BaseCommand):
         )
         write_rows(self, "Stale scheduled tasks:", rows, options["json"])
         if options["resend"] and rows:
-            claimed = scheduling.claimed_values(
+            claimed = scheduler.claimed_values(
                 stale.filter(task_id__in=[row["task_id"] for row in rows]), "scheduled_id"
             )
-            outcome = scheduling.resend_stale(current_app, claimed)
+            outcome = scheduler.resend_stale(current_app, claimed, min_age=age)
             self.stderr.write(
                 f"resent {outcome.sent}, failed {outcome.failed}, left for later {outcome.released}"
             )

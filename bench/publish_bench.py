@@ -1,0 +1,156 @@
+"""What publish tracking costs ``apply_async``: tracked vs plain, in the same process.
+
+RabbitMQ + PostgreSQL, in a database, a queue and a var dir of their own
+(``fulldb_bench_publish``, ``bench_publish``, ``/tmp/fulldb-bench-publish``); nothing
+consumes the queue (it is purged after every round). One process, the way a web view
+publishes: ``add.apply_async((i, i), queue=...)`` in a loop of ``--tasks`` calls (default
+2,000), alternately with ``DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH`` off (plain) and on
+(tracked), ``--rounds`` times (default 5), after a warm-up of each. Reported:
+
+* ms per call: the loop's wall time / calls, median of the rounds, for both modes; the
+  difference is what tracking adds to each ``apply_async``;
+* for the tracked mode, the time until every PENDING row is in the database (committed,
+  read back by a COUNT from the benchmark's connection), from the start of the loop:
+  tracking's rows are written after the publish returns when the writer is asynchronous,
+  so this is when the record is complete;
+* rows found: every tracked call must leave exactly one PENDING row.
+
+    python bench/publish_bench.py [--tasks 2000] [--rounds 5] [--json-out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+
+_common.reexec_in_venv()
+
+DB_NAME = "fulldb_bench_publish"
+QUEUE = "bench_publish"
+VAR_DIR = "/tmp/fulldb-bench-publish"
+#: The budget (issue 12): what tracking may add to one apply_async.
+BUDGET_MS = 0.3
+
+
+def purge(app) -> None:
+    queue = app.amqp.queues[QUEUE]
+    with app.connection_for_write() as conn:
+        bound = queue(conn.default_channel)
+        bound.declare()
+        bound.purge()
+
+
+def one_loop(app, add, tasks: int, tracked: bool) -> dict[str, float]:
+    from django.conf import settings
+    from django.db import connection
+
+    from django_celery_fulldbresult import publish
+    from django_celery_fulldbresult.models import TaskResultMeta
+
+    settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = tracked
+    _common.truncate(_common.TASK_TABLE)
+    purge(app)
+    ids = []
+    start = time.perf_counter()
+    for i in range(tasks):
+        ids.append(add.apply_async((i, i), queue=QUEUE).id)
+    loop = time.perf_counter() - start
+    result = {"loop_s": loop, "ms_per_call": loop * 1000 / tasks}
+    if tracked:
+        deadline = time.monotonic() + 60
+        found = 0
+        while time.monotonic() < deadline:
+            found = TaskResultMeta.objects.filter(status="PENDING").count()
+            if found >= tasks:
+                break
+            time.sleep(0.002)
+        result["complete_s"] = time.perf_counter() - start
+        result["rows"] = found
+        result["flushes"] = getattr(publish, "flush_count", lambda: None)()
+    connection.close()
+    purge(app)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json-out")
+    args = parser.parse_args(argv)
+    _common.setup(DB_NAME, queue=QUEUE, var_dir=VAR_DIR)
+
+    from testproject.celery_app import app
+    from testproject.demo.tasks import add
+
+    runs: dict[str, list[dict[str, float]]] = {"plain": [], "tracked": []}
+    for tracked in (False, True):  # warm-up: connections, the queue declared, caches
+        one_loop(app, add, 200, tracked)
+    for _ in range(args.rounds):
+        for mode in ("plain", "tracked"):
+            runs[mode].append(one_loop(app, add, args.tasks, mode == "tracked"))
+
+    plain = statistics.median(r["ms_per_call"] for r in runs["plain"])
+    tracked = statistics.median(r["ms_per_call"] for r in runs["tracked"])
+    complete = statistics.median(r["complete_s"] for r in runs["tracked"])
+    rows_ok = all(r["rows"] == args.tasks for r in runs["tracked"])
+    added = tracked - plain
+    section = {
+        "title": f"Publish tracking: {args.tasks:,} apply_async calls, tracked vs plain",
+        "text": (
+            f"One process publishing to RabbitMQ (nothing consumes `{QUEUE}`), median of "
+            f"{args.rounds} rounds, the two modes alternating."
+        ),
+        "headers": [
+            "mode",
+            "ms per apply_async (median)",
+            "per round",
+            "every row committed after (s)",
+            "rows",
+        ],
+        "rows": [
+            [
+                "plain apply_async (tracking off)",
+                f"{plain:.3f}",
+                " / ".join(f"{r['ms_per_call']:.3f}" for r in runs["plain"]),
+                "",
+                "",
+            ],
+            [
+                "tracked (a PENDING row per call)",
+                f"{tracked:.3f}",
+                " / ".join(f"{r['ms_per_call']:.3f}" for r in runs["tracked"]),
+                f"{complete:.2f}",
+                " / ".join(f"{r['rows']:,}" for r in runs["tracked"]),
+            ],
+        ],
+        "notes": [
+            f"tracking adds **{added:.3f} ms** per apply_async (budget {BUDGET_MS} ms: "
+            f"**{'met' if added <= BUDGET_MS else 'NOT met'}**); ratio tracked / plain "
+            f"{tracked / plain:.2f}",
+            f"every tracked call left its PENDING row: **{'yes' if rows_ok else 'NO'}**",
+        ],
+    }
+    result = {
+        "name": "publish",
+        "sections": [section],
+        "plain_ms": plain,
+        "tracked_ms": tracked,
+        "added_ms": added,
+        "complete_s": complete,
+        "rows_ok": rows_ok,
+        "runs": runs,
+    }
+    _common.finish("publish", result, args.json_out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
