@@ -25,7 +25,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
-from . import admin_actions, admin_filters, conf
+from . import admin_actions, admin_filters, conf, secrecy
 from .admin_paginator import EstimatedCountPaginator
 from .models import TaskResultMeta
 from .states import (
@@ -172,7 +172,7 @@ class TaskResultMetaAdmin(admin.ModelAdmin):
                     "periodic_task_name",
                     "hostname",
                     "retries",
-                    "replayable",
+                    "replay",
                 )
             },
         ),
@@ -203,6 +203,7 @@ class TaskResultMetaAdmin(admin.ModelAdmin):
     )
     readonly_fields = (
         "state",
+        "replay",
         "lineage",
         "call_args",
         "call_kwargs",
@@ -280,6 +281,12 @@ class TaskResultMetaAdmin(admin.ModelAdmin):
     @admin.display(description=_("state"))
     def state(self, obj: TaskResultMeta) -> str:
         return state_badge(obj.status)
+
+    @admin.display(description=_("replayable"))
+    def replay(self, obj: TaskResultMeta) -> str:
+        if obj.replayable:
+            return _("yes")
+        return _("no: %(reason)s") % {"reason": secrecy.refusal(obj)}
 
     @admin.display(description=_("run time"))
     def run_time(self, obj: TaskResultMeta) -> str:

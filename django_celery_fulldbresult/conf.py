@@ -24,8 +24,11 @@ DEFAULTS: dict[str, Any] = {
     "FORCE_JSON": False,
     # Store real args/kwargs (False: only argsrepr/kwargsrepr, rows are not replayable).
     "STORE_ARGS": True,
-    # Task names (fnmatch patterns) whose args/kwargs are never stored.
+    # Task names (fnmatch patterns) whose args/kwargs are never stored (secrecy.py).
     "SECRET_TASKS": (),
+    # Store the result, traceback and exception message of secret tasks (False: only the
+    # state and the exception type; AsyncResult.get() then returns None).
+    "SECRET_RESULTS": True,
     # The database alias that holds the task table.
     "DATABASE": "default",
     # Use a connection of our own (autocommit, not closed by Celery's Django fixup).

@@ -26,7 +26,7 @@ from typing import Any
 from celery import current_app
 from django.db import connections, transaction
 
-from . import conf, db, publish_writer, records, scheduler
+from . import conf, db, publish_writer, records, scheduler, secrecy
 from .green import green_pool
 from .models import TaskResultMeta
 from .states import PENDING
@@ -63,11 +63,16 @@ def on_before_publish(
     **kwargs: Any,
 ) -> None:
     _pending.values = None
+    app = current_app
+    if headers is not None and not isinstance(body, dict):  # protocol 2
+        try:
+            hide_secret_reprs(app, sender, body, headers)
+        except Exception:  # noqa: BLE001 - never stop a publish; the worker hides them too
+            logger.exception("secret tasks: could not check the reprs of %s", sender)
     if not conf.track_publish() or scheduler.is_forwarding():
         return  # the scheduler's own sends already have their row
     try:
         headers = headers if headers is not None else (body if isinstance(body, dict) else {})
-        app = current_app
         if result_ignored(app, sender, headers):
             return
         _pending.values = records.from_message(
@@ -75,6 +80,15 @@ def on_before_publish(
         )
     except Exception:  # noqa: BLE001 - tracking must never stop a publish
         logger.exception("publish tracking: could not read the message of %s", sender)
+
+
+def hide_secret_reprs(app: Any, name: str | None, body: Any, headers: dict[str, Any]) -> None:
+    """A secret call's message carries ``<N hidden>`` (or the caller's chosen repr), never
+    Celery's default repr of its arguments, and says so (``secrecy.hide_message_reprs``)."""
+    if not secrecy.is_secret(name, records.registered_task(app, name), headers):
+        return
+    args, kwargs, _embed = body
+    secrecy.hide_message_reprs(headers, args, kwargs, app)
 
 
 def on_after_publish(

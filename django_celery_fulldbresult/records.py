@@ -7,7 +7,6 @@ re-send needs.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from datetime import datetime
 from typing import Any
@@ -17,7 +16,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from kombu.serialization import registry as serializer_registry
 
-from . import conf, serialization
+from . import secrecy, serialization
 
 logger = logging.getLogger(__name__)
 
@@ -77,52 +76,12 @@ def registered_task(app: Any, name: str) -> Any:
     return app.tasks.get(name) if app.finalized else None
 
 
-def stores_args(task_name: str, task: Any = None) -> bool:
-    """False for tasks whose arguments must not be stored (secrets).
-
-    Global: ``DJANGO_CELERY_FULLDBRESULT_STORE_ARGS = False``; by name:
-    ``DJANGO_CELERY_FULLDBRESULT_SECRET_TASKS = ["billing.*"]``; per task:
-    ``@shared_task(store_args=False)``.
-    """
-    if not conf.get("STORE_ARGS"):
-        return False
-    if task is not None and getattr(task, "store_args", True) is False:
-        return False
-    return not any(fnmatch.fnmatchcase(task_name, p) for p in conf.get("SECRET_TASKS"))
-
-
-def _default_reprs(value: Any, app: Any) -> set[str]:
-    """The reprs Celery would have put in the message by itself for ``value``."""
-    from celery.utils.saferepr import saferepr
-
-    maxsize = getattr(app.amqp, "argsrepr_maxsize", 1024)
-    maxlevels = app.conf.get("task_repr_maxlevels", 3)
-    if isinstance(value, dict):
-        forms: list[Any] = [value]
-    else:
-        forms = [tuple(value or ()), list(value or ())]
-    return {saferepr(form, maxsize, maxlevels=maxlevels) for form in forms}
-
-
 def message_repr(value: Any, app: Any) -> str:
     """The repr Celery puts in a message for ``value`` (args or kwargs) when none is given."""
     from celery.utils.saferepr import saferepr
 
     maxsize = getattr(app.amqp, "argsrepr_maxsize", 1024)
     return saferepr(value, maxsize, maxlevels=app.conf.get("task_repr_maxlevels", 3))
-
-
-def redacted_repr(given: Any, value: Any, app: Any) -> str:
-    """What to show for the arguments of a secret task.
-
-    A repr the caller set on purpose (``apply_async(argsrepr=...)``, Celery's
-    way of hiding secrets) is kept; Celery's default repr would show the
-    secret itself, so it is replaced.
-    """
-    if isinstance(given, str) and given not in _default_reprs(value, app):
-        return given
-    count = len(value or ())
-    return f"<{count} hidden>"
 
 
 def serializer_of(app: Any, task: Any = None, chosen: str | None = None) -> str:
@@ -150,16 +109,19 @@ def call_columns(
     task: Any,
     app: Any,
     serializer: str | None = None,
+    *,
+    secret: bool = False,
 ) -> dict[str, Any]:
-    """The args/kwargs columns: stored exactly, or only as repr for secret tasks.
+    """The args/kwargs columns: stored exactly, or only as reprs for a ``secret`` call
+    (whose reprs the caller has already made safe, ``secrecy``).
 
     ``serializer``: the message's (default: the task's, else the app's); arguments the JSON
     columns cannot hold are packed with it (``serialization.encode_call``).
     """
-    if not stores_args(task_name, task):
+    if secret:
         return {
-            "argsrepr": serialization.text_safe(redacted_repr(argsrepr, args, app)),
-            "kwargsrepr": serialization.text_safe(redacted_repr(kwargsrepr, kwargs, app)),
+            "argsrepr": serialization.text_safe(argsrepr),
+            "kwargsrepr": serialization.text_safe(kwargsrepr),
             "replayable": False,
         }
     argsrepr, kwargsrepr = serialization.text_safe(argsrepr), serialization.text_safe(kwargsrepr)
@@ -192,8 +154,11 @@ def _clean(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v not in (None, [], {}, "")}
 
 
-def options_text(options: dict[str, Any]) -> str | None:
-    """The options column as JSON text (None when empty or not encodable)."""
+def options_text(options: dict[str, Any], app: Any = None) -> str | None:
+    """The options column as JSON text (None when empty or not encodable); with ``app``,
+    without the arguments of secret tasks in its signatures (``secrecy.hide_in_options``)."""
+    if app is not None:
+        options = secrecy.hide_in_options(options, app)[0]
     options = _clean(options)
     if not options:
         return None
@@ -239,14 +204,26 @@ def from_message(
         "headers": custom_headers,
         **_time_limits(headers.get("timelimit")),
     }
+    secret = secrecy.is_secret(name, task, headers)
+    argsrepr, kwargsrepr = headers.get("argsrepr"), headers.get("kwargsrepr")
+    if secret:
+        argsrepr, kwargsrepr = secrecy.stored_reprs(
+            argsrepr,
+            kwargsrepr,
+            args,
+            kwargs,
+            secrecy.reprs_checked(headers.get(secrecy.SECRET_HEADER)),
+        )
+    call = call_columns(name, args, kwargs, argsrepr, kwargsrepr, task, app, secret=secret)
+    hidden_options, hidden = secrecy.hide_in_options(options, app)
+    if hidden:
+        call["replayable"] = False
     now = timezone.now()
     return {
         "task_id": headers["id"],
         "task": name,
-        **call_columns(
-            name, args, kwargs, headers.get("argsrepr"), headers.get("kwargsrepr"), task, app
-        ),
-        "options": options_text(options),
+        **call,
+        "options": options_text(hidden_options),
         "queue": queue or routing_key or None,
         "exchange": exchange or None,
         "routing_key": routing_key or None,
@@ -292,9 +269,10 @@ def from_request(app: Any, request: Any) -> dict[str, Any]:
         "group_index": getattr(request, "group_index", None),
         **_time_limits(getattr(request, "timelimit", None)),
     }
+    hidden_options, hidden = secrecy.hide_in_options(options, app)
     values = {
         "task": name,
-        "options": options_text(options),
+        "options": options_text(hidden_options),
         "exchange": delivery_info.get("exchange") or None,
         "routing_key": delivery_info.get("routing_key") or None,
         "queue": delivery_info.get("routing_key") or None,
@@ -308,17 +286,22 @@ def from_request(app: Any, request: Any) -> dict[str, Any]:
         "expires": to_datetime(getattr(request, "expires", None)),
     }
     if name and getattr(request, "args", None) is not None:
-        values.update(
-            call_columns(
-                name,
-                request.args,
-                getattr(request, "kwargs", None),
-                getattr(request, "argsrepr", None),
-                getattr(request, "kwargsrepr", None),
-                registered_task(app, name),
-                app,
-            )
+        args, kwargs = request.args, getattr(request, "kwargs", None)
+        argsrepr, kwargsrepr = (
+            getattr(request, "argsrepr", None),
+            getattr(request, "kwargsrepr", None),
         )
+        task = registered_task(app, name)
+        mark = getattr(request, secrecy.SECRET_HEADER, None)
+        checked = secrecy.reprs_checked(mark)
+        secret = secrecy.is_secret(name, task, {secrecy.SECRET_HEADER: mark})
+        if secret:
+            argsrepr, kwargsrepr = secrecy.stored_reprs(argsrepr, kwargsrepr, args, kwargs, checked)
+        values.update(
+            call_columns(name, args, kwargs, argsrepr, kwargsrepr, task, app, secret=secret)
+        )
+    if hidden:
+        values["replayable"] = False
     return values
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from django.utils import timezone
 from kombu.exceptions import EncodeError
 
-from . import db, publish, scheduler
+from . import db, publish, scheduler, secrecy
 from .states import PENDING, SCHEDULED
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class Outcome:
 def refusal(row: Any, accept: Any = None) -> str | None:
     """Why ``row`` cannot be retried, or None when it can."""
     if not row.replayable:
-        return "its arguments were not stored (secret task or unencodable arguments)"
+        return secrecy.refusal(row)
     if not row.task:
         return "its task name is unknown"
     if row.status == SCHEDULED:

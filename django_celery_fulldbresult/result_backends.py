@@ -22,7 +22,7 @@ from django.db import transaction
 from django.utils import timezone
 from kombu.exceptions import EncodeError
 
-from . import chords, conf, db, records, serialization
+from . import chords, conf, db, records, secrecy, serialization
 from .models import GroupResultMeta, TaskResultMeta
 from .states import REVOCABLE_STATES
 
@@ -173,6 +173,9 @@ class DatabaseResultBackend(BaseBackend):
         request: Any = None,
         **kwargs: Any,
     ) -> Any:
+        own_request = request is not None and getattr(request, "id", None) == task_id
+        if own_request and secrecy.hide_outcome() and self._is_secret(request):
+            result, traceback = self._hidden_outcome(result, state), None
         encoded = self._encode_result(result)
         now = timezone.now()
         # A retry is published from inside the task, so Celery lists the task as its own child.
@@ -196,7 +199,6 @@ class DatabaseResultBackend(BaseBackend):
         retries = None
         # update_state(task_id=other) passes the *current* request: only use a
         # request's metadata for its own task.
-        own_request = request is not None and getattr(request, "id", None) == task_id
         if own_request:
             values.update(records.from_request(self.app, request))
             retries = records.request_retries(request)
@@ -210,6 +212,27 @@ class DatabaseResultBackend(BaseBackend):
             )
         )
         return result
+
+    def _is_secret(self, request: Any) -> bool:
+        name = records.task_name_of(request)
+        mark = getattr(request, secrecy.SECRET_HEADER, None)
+        task = records.registered_task(self.app, name) if name else None
+        return secrecy.is_secret(name, task, {secrecy.SECRET_HEADER: mark})
+
+    def _hidden_outcome(self, result: Any, state: str) -> Any:
+        """``SECRET_RESULTS = False``: a secret task's exception keeps its type, not its
+        message (which may quote the arguments); any other result is not stored."""
+        if state not in states.EXCEPTION_STATES:
+            return None
+        if isinstance(result, dict) and "exc_type" in result:  # as the JSON serializer has it
+            return {**result, "exc_message": [secrecy.HIDDEN_MESSAGE]}
+        if isinstance(result, BaseException):
+            try:
+                hidden = type(result)(secrecy.HIDDEN_MESSAGE)
+            except Exception:  # noqa: BLE001 - an exception class with other arguments
+                hidden = Exception(f"{type(result).__name__}: {secrecy.HIDDEN_MESSAGE}")
+            return self.prepare_exception(hidden)
+        return None
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
         row = db.run_with_reconnect(

@@ -358,11 +358,11 @@ def test_rows_that_cannot_be_replayed_are_refused_with_the_reason(admin_client):
     good = make_row(status=states.FAILURE, queue=HELD)
     page = act(admin_client, "retry_tasks", [secret, nameless, good], confirm=False)
     content = page.content.decode()
-    assert "refused: its arguments were not stored" in content
+    assert "refused: it is a secret task: its arguments are not stored" in content
     assert "refused: its task name is unknown" in content
     response = act(admin_client, "retry_tasks", [secret, nameless, good])
     messages = texts(response)
-    assert any(secret.task_id in m and "not retried: its arguments were not" in m for m in messages)
+    assert any(secret.task_id in m and "not retried: it is a secret task" in m for m in messages)
     assert any(nameless.task_id in m and "task name is unknown" in m for m in messages)
     assert "Retried 1 of 3 selected tasks." in messages
     assert not TaskResultMeta.objects.filter(retried_from__in=[secret.task_id, nameless.task_id])

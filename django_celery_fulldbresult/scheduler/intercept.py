@@ -29,7 +29,7 @@ from celery.utils.time import maybe_make_aware
 from django.db import connections
 from django.utils import timezone
 
-from .. import conf, db, records
+from .. import conf, db, records, secrecy
 from ..models import TaskResultMeta
 from ..result_backends import DatabaseResultBackend
 from ..states import SCHEDULED
@@ -81,7 +81,9 @@ def due_time(app: Any, countdown: Any, eta: Any) -> datetime | None:
     return as_aware(app, eta)
 
 
-def wants_scheduling(app: Any, name: str, task: Any = None) -> bool:
+def wants_scheduling(
+    app: Any, name: str, task: Any = None, headers: dict[str, Any] | None = None
+) -> bool:
     """Whether a task of this name may wait in the database at all."""
     if not conf.get("SCHEDULE_ETA") or is_forwarding() or app.conf.task_always_eager:
         return False
@@ -92,7 +94,7 @@ def wants_scheduling(app: Any, name: str, task: Any = None) -> bool:
     if any(fnmatch.fnmatchcase(name, p) for p in conf.get("SCHEDULE_EXCLUDE")):
         return False
     # Secret tasks would have to store their arguments to be forwarded later.
-    return records.stores_args(name, task)
+    return not secrecy.is_secret(name, task, headers)
 
 
 def maybe_schedule(
@@ -119,7 +121,7 @@ def maybe_schedule(
     if (countdown is None and eta is None) or db_schedule is False:
         return None
     task = task_type if task_type is not None else records.registered_task(app, name)
-    if not wants_scheduling(app, name, task):
+    if not wants_scheduling(app, name, task, options.get("headers")):
         return None
     when = due_time(app, countdown, eta)
     min_delay = float(conf.get("SCHEDULE_MIN_DELAY"))
@@ -203,6 +205,10 @@ def scheduled_row(
         serializer=options.get("serializer"),
     )
     call_options = {k: v for k, v in options.items() if k not in COLUMN_OPTIONS and v is not None}
+    if secrecy.hide_in_options(call_options, app)[1]:
+        # A secret task in its link, chain or chord: forwarding needs its arguments.
+        logger.info("%s: a secret task in its callbacks; sent with a broker ETA", name)
+        return None
     options_text = records.options_text(call_options)
     if not call.get("replayable") or (call_options and options_text is None):
         logger.warning("%s: the call cannot be stored exactly; sent with a broker ETA", name)
