@@ -25,8 +25,14 @@ from .states import FAILURE, SUCCESS
 
 TEMPLATE = "admin/django_celery_fulldbresult/taskresultmeta/dashboard.html"
 CHART_HOURS = 24
-#: ``?hours=`` accepted for the figures (the chart always shows the last 24 hours).
+#: ``?hours=`` accepted for the figures (the chart always shows the last 24 hours), from an
+#: operator (a superuser, or a user allowed any of the task actions).
 MAX_WINDOW_HOURS = 24 * 31
+#: ... and from a user who may only view task results: every page view runs the statements
+#: of ``stats()`` over the window, which is no view-only user's call to widen.
+VIEWER_MAX_HOURS = 24
+#: The task permissions that make a user an operator here.
+OPERATOR_PERMISSIONS = ("retry", "cancel", "send_now", "revoke")
 #: Task names listed; the rest is summed up in one line.
 MAX_TASK_ROWS = 200
 
@@ -121,12 +127,20 @@ def _parse(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
 
 
-def _window_hours(request: HttpRequest) -> int:
+def window_limit(request: HttpRequest, model_admin: Any) -> int:
+    """The widest ``?hours=`` this user may ask for."""
+    operator = request.user.is_superuser or any(
+        getattr(model_admin, f"has_{name}_permission")(request) for name in OPERATOR_PERMISSIONS
+    )
+    return MAX_WINDOW_HOURS if operator else VIEWER_MAX_HOURS
+
+
+def _window_hours(request: HttpRequest, limit: int) -> int:
     try:
         hours = int(request.GET.get("hours", CHART_HOURS))
     except ValueError:
         return CHART_HOURS
-    return min(max(hours, 1), MAX_WINDOW_HOURS)
+    return min(max(hours, 1), limit)
 
 
 def _task_rows(tasks: dict[str, Any]) -> list[dict[str, Any]]:
@@ -157,7 +171,8 @@ def dashboard_view(request: HttpRequest, model_admin: Any) -> HttpResponse:
         )
     if not model_admin.has_view_permission(request):
         raise PermissionDenied
-    hours = _window_hours(request)
+    limit = window_limit(request, model_admin)
+    hours = _window_hours(request, limit)
     queryset = model_admin.model._default_manager.all()
     now = timezone.now()
     figures = stats_module.collect(queryset, timedelta(hours=hours), now=now)
@@ -173,6 +188,8 @@ def dashboard_view(request: HttpRequest, model_admin: Any) -> HttpResponse:
             f"admin:{opts.app_label}_{opts.model_name}_changelist", current_app=site.name
         ),
         "hours": hours,
+        "hours_limit": limit,
+        "hours_limited": str(hours) != request.GET.get("hours", str(hours)),
         "window_start": now - timedelta(hours=hours),
         "now": now,
         "oldest_due_eta": _parse(scheduled["oldest_due_eta"]),

@@ -271,6 +271,22 @@ def test_dashboard_permissions(client):
     assert client.get(url).status_code == 302
 
 
+def test_dashboard_window_is_bounded_for_view_only_users(client):
+    """Each page view runs stats() over the window: a view-only user gets at most a day,
+    an operator (any task action, or a superuser) up to a month."""
+    url = reverse(DASHBOARD) + "?hours=744"
+    client.force_login(_user("viewer", staff=True, perms=("view_taskresultmeta",)))
+    page = client.get(url)
+    assert page.context["hours"] == 24 and 'id="fdr-hours-limited"' in page.content.decode()
+    assert client.get(reverse(DASHBOARD) + "?hours=6").context["hours"] == 6
+    operator = _user("operator", True, perms=("view_taskresultmeta", "retry_taskresultmeta"))
+    client.force_login(operator)
+    page = client.get(url)
+    assert page.context["hours"] == 744 and 'id="fdr-hours-limited"' not in page.content.decode()
+    client.force_login(_user("root", staff=True, superuser=True))
+    assert client.get(url).context["hours"] == 744
+
+
 def test_dashboard_chart_buckets_by_hour():
     now = timezone.now()
     base = dict(task="demo.chart", date_modified=now)
