@@ -25,7 +25,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
-from . import admin_actions, admin_filters, conf, secrecy
+from . import admin_actions, admin_filters, conf, secrecy, serialization
 from .admin_paginator import EstimatedCountPaginator
 from .models import TaskResultMeta
 from .states import (
@@ -299,8 +299,12 @@ class TaskResultMetaAdmin(admin.ModelAdmin):
     def _call(self, obj: TaskResultMeta) -> tuple[Any, Any, str | None]:
         if obj.packed_args is None:
             return obj.args, obj.kwargs, None
+        accept = serialization.safe_accept(self.get_celery_app().conf.accept_content)
+        if obj.packed_args_content_type not in accept:  # never unpickled in the web tier
+            size = len(obj.packed_args)
+            return None, None, serialization.not_decoded_text(obj.packed_args_content_type, size)
         try:
-            args, kwargs = obj.get_call(self.get_celery_app().conf.accept_content)
+            args, kwargs = obj.get_call(accept)
         except Exception as exc:  # noqa: BLE001 - shown, not raised
             return None, None, f"packed ({obj.packed_args_content_type}), not shown: {exc}"
         return args, kwargs, None
@@ -329,8 +333,11 @@ class TaskResultMetaAdmin(admin.ModelAdmin):
     def outcome(self, obj: TaskResultMeta) -> str:
         if obj.result is None:
             return "-"
+        accept = serialization.safe_accept(self.get_celery_app().backend.accept)
+        if obj.content_type and obj.content_type not in accept:  # never unpickled here
+            return pre(serialization.not_decoded_text(obj.content_type, len(obj.result)))
         try:
-            value = obj.get_result(self.get_celery_app().backend.accept)
+            value = obj.get_result(accept)
         except Exception:  # noqa: BLE001 - show the stored text instead
             return pre(obj.result)
         try:

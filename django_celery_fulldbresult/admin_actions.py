@@ -21,7 +21,7 @@ from django.utils.html import format_html
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext_lazy
 
-from . import replay, scheduler
+from . import replay, scheduler, serialization
 from .states import FINAL_STATES, SCHEDULED
 
 #: Rows one action may handle; a larger selection is refused before anything is read.
@@ -29,7 +29,16 @@ ACTION_LIMIT = 10_000
 #: Rows listed one by one on the confirmation page and in the report.
 LISTED = 100
 
-STATE_COLUMNS = ("id", "task_id", "task", "status", "scheduled_id", "eta", "expires")
+STATE_COLUMNS = (
+    "id",
+    "task_id",
+    "task",
+    "status",
+    "scheduled_id",
+    "eta",
+    "expires",
+    "packed_args_content_type",
+)
 
 
 @dataclass
@@ -176,19 +185,25 @@ def _run(
 @admin.action(description=gettext_lazy("Retry selected tasks (send a copy)"), permissions=["retry"])
 def retry_tasks(modeladmin, request, queryset):
     app = modeladmin.get_celery_app()
-    accept = app.conf.accept_content
+    # The web tier never unpickles: a copy whose call only the app may decode is sent by
+    # the scheduler's sender (or refused without the scheduler).
+    accept = serialization.safe_accept(app.conf.accept_content)
 
     def plan(row) -> tuple[bool, str]:
-        reason = replay.refusal(row, accept)
+        reason = replay.refusal(row, accept, defer=True)
         if reason:
             return False, _("refused: %(reason)s") % {"reason": reason}
+        if not replay.decodable(row, accept):
+            return True, _("a copy will wait for the scheduler's sender, which sends it now")
         return True, _("a copy will be sent with a new id, the same arguments and routing")
 
     def execute(rows: list[Any]) -> list[Line]:
         status = {row.task_id: row.status for row in rows}
         lines = []
-        for outcome in replay.retry(app, rows):
-            if outcome.sent:
+        for outcome in replay.retry(app, rows, accept):
+            if outcome.sent and outcome.deferred:
+                text, ok = _("retried (sent by the scheduler's sender) as"), True
+            elif outcome.sent:
                 text, ok = _("retried as"), True
             else:
                 text, ok = _("not retried: %(reason)s") % {"reason": outcome.error}, False
@@ -264,7 +279,17 @@ SEND_NOW_TEXT = {
     "failed": gettext_lazy("not sent: its stored call cannot be decoded (now FAILURE)"),
     "released": gettext_lazy("not sent: the broker failed; it stays scheduled"),
     "not claimed": gettext_lazy("not sent: it was sent, cancelled or expired meanwhile"),
+    "due": gettext_lazy(
+        "due now: the scheduler's sender sends it (its arguments are not decoded here)"
+    ),
 }
+
+
+def _decodable_here(app: Any, row: Any) -> bool:
+    content_type = row.packed_args_content_type
+    return content_type is None or content_type in serialization.safe_accept(
+        app.conf.accept_content
+    )
 
 
 @admin.action(
@@ -282,13 +307,21 @@ def send_scheduled_now(modeladmin, request, queryset):
         return True, _("will be sent now instead of at %(eta)s") % {"eta": row.eta}
 
     def execute(rows: list[Any]) -> list[Line]:
-        waiting = [row.task_id for row in rows if _waiting(row)[0]]
-        outcomes = scheduler.send_now(app, waiting) if waiting else {}
+        waiting = [row for row in rows if _waiting(row)[0]]
+        # The web tier never unpickles: what it may not decode is made due for the sender.
+        here = [row.task_id for row in waiting if _decodable_here(app, row)]
+        elsewhere = [row.task_id for row in waiting if not _decodable_here(app, row)]
+        outcomes = scheduler.send_now(app, here) if here else {}
+        if elsewhere:
+            due = scheduler.make_due(elsewhere)
+            outcomes.update(
+                {task_id: "due" if task_id in due else "not claimed" for task_id in elsewhere}
+            )
         lines = []
         for row in rows:
             if row.task_id in outcomes:
                 outcome = outcomes[row.task_id]
-                ok, text = outcome == "sent", str(SEND_NOW_TEXT[outcome])
+                ok, text = outcome in ("sent", "due"), str(SEND_NOW_TEXT[outcome])
             else:
                 ok, text = _waiting(row)
             lines.append(Line(row.task_id, row.task, row.status, text, ok))

@@ -21,7 +21,7 @@ from typing import Any
 from django.utils import timezone
 from kombu.exceptions import EncodeError
 
-from . import db, publish, scheduler, secrecy
+from . import conf, db, publish, scheduler, secrecy, serialization
 from .states import PENDING, SCHEDULED
 
 logger = logging.getLogger(__name__)
@@ -87,14 +87,29 @@ class Outcome:
     task: str
     new_id: str | None = None
     error: str | None = None
+    #: The copy waits as a SCHEDULED row due now, for the scheduler's sender to send.
+    deferred: bool = False
 
     @property
     def sent(self) -> bool:
         return self.new_id is not None and self.error is None
 
 
-def refusal(row: Any, accept: Any = None) -> str | None:
-    """Why ``row`` cannot be retried, or None when it can."""
+def decodable(row: Any, accept: Any) -> bool:
+    """Whether this process may decode the row's stored call (``accept``: content types or
+    serializer names; pickle only where the caller accepts it)."""
+    if row.packed_args is None:
+        return True
+    return row.packed_args_content_type in serialization.accepted(accept)
+
+
+def refusal(row: Any, accept: Any = None, defer: bool = False) -> str | None:
+    """Why ``row`` cannot be retried, or None when it can.
+
+    ``defer``: a call this process may not decode (``accept``) is not refused when the
+    scheduler is on: its copy waits as a SCHEDULED row due now, and the sender (which
+    decodes what the app accepts) sends it.
+    """
     if not row.replayable:
         return secrecy.refusal(row)
     if not row.task:
@@ -103,6 +118,15 @@ def refusal(row: Any, accept: Any = None) -> str | None:
         return "it is still waiting for its eta (use Send now or Cancel)"
     if row.packed_args is None and row.args is None and row.kwargs is None:
         return "its arguments are unknown (no publish record and no worker record)"
+    if not decodable(row, accept):
+        if defer and conf.get("SCHEDULE_ETA"):
+            return None
+        return (
+            f"its arguments are stored as {row.packed_args_content_type}, which is not decoded "
+            "here (decoding it could run code in the web process); retry it with "
+            "replay.retry() on a worker host, or turn on the database scheduler "
+            "(SCHEDULE_ETA), whose sender sends such copies"
+        )
     if row.packed_args is not None:
         try:
             row.get_call(accept)
@@ -117,11 +141,14 @@ def copy_options(options: dict[str, Any] | None) -> dict[str, Any]:
     return {k: options[k] for k in COPIED_OPTIONS if options.get(k) not in (None, [], {}, "")}
 
 
-def _copy_row(model: type, row: Any, new_id: str, now: Any) -> Any:
+def _copy_row(model: type, row: Any, new_id: str, now: Any, deferred: bool = False) -> Any:
+    """The copy's row: PENDING (published here at once), or SCHEDULED and due now
+    (``deferred``: the scheduler's sender decodes and sends it)."""
     values = {column: getattr(row, column) for column in COPIED_COLUMNS}
     return model(
         task_id=new_id,
-        status=PENDING,
+        status=SCHEDULED if deferred else PENDING,
+        eta=now if deferred else None,
         replayable=True,
         options=copy_options(row.options) or None,
         retried_from=row.task_id,
@@ -141,32 +168,46 @@ def _send_kwargs(row: Any) -> dict[str, Any]:
     return {**{k: v for k, v in routing.items() if v is not None}, **copy_options(row.options)}
 
 
-def retry(app: Any, rows: Iterable[Any]) -> list[Outcome]:
+def retry(app: Any, rows: Iterable[Any], accept: Any = None) -> list[Outcome]:
     """Send a copy of each replayable row; one ``Outcome`` per row, in order.
 
-    ``rows`` are ``TaskResultMeta`` instances holding at least ``COLUMNS``.
+    ``rows`` are ``TaskResultMeta`` instances holding at least ``COLUMNS``. ``accept``:
+    what this process may decode (default: the app's ``accept_content``); the admin passes
+    ``serialization.safe_accept()``, so a copy whose call only the app may decode (pickle)
+    is left to the scheduler's sender (``deferred``) or refused.
     """
     from .models import TaskResultMeta
 
-    accept = app.conf.accept_content
+    accept = app.conf.accept_content if accept is None else accept
     outcomes: list[Outcome] = []
     todo: list[tuple[Any, Outcome]] = []
+    deferred: list[tuple[Any, Outcome]] = []
     for row in rows:
-        outcome = Outcome(task_id=row.task_id, task=row.task, error=refusal(row, accept))
+        error = refusal(row, accept, defer=True)
+        outcome = Outcome(task_id=row.task_id, task=row.task, error=error)
         outcomes.append(outcome)
         if outcome.error is None:
             outcome.new_id = str(uuid.uuid4())
-            todo.append((row, outcome))
-    if not todo:
+            if decodable(row, accept):
+                todo.append((row, outcome))
+            else:
+                outcome.deferred = True
+                deferred.append((row, outcome))
+    if not todo and not deferred:
         return outcomes
     using = publish.tracking_alias()
     now = timezone.now()
     copies = [_copy_row(TaskResultMeta, row, outcome.new_id, now) for row, outcome in todo]
+    copies += [
+        _copy_row(TaskResultMeta, row, outcome.new_id, now, deferred=True)
+        for row, outcome in deferred
+    ]
     # The rows exist before the messages do: a fast worker finds them and updates them.
     db.run_with_reconnect(
         lambda alias: TaskResultMeta.objects.using(alias).bulk_create(copies, BATCH_SIZE), using
     )
-    _publish(app, todo, accept)
+    if todo:
+        _publish(app, todo, accept)
     unsent = [outcome.new_id for _row, outcome in todo if not outcome.sent]
     if unsent:
         db.run_with_reconnect(

@@ -89,6 +89,28 @@ def loads(
         raise TypeError(f"cannot decode stored value: {exc}") from exc
 
 
+#: Content types whose decoders build plain data and never run code (kombu's yaml uses
+#: ``safe_load``): the only ones the admin decodes, whatever the app accepts.
+SAFE_CONTENT_TYPES = frozenset(
+    {"application/json", "application/x-msgpack", "application/x-yaml", "application/data"}
+)
+
+
+def safe_accept(accept: Any = None) -> set[str]:
+    """What the web tier may decode: the app's accepted content types (``accept``, default
+    ``accept_content``) that are in ``SAFE_CONTENT_TYPES``. Never pickle: a row anyone could
+    write would otherwise run code in the web process."""
+    return accepted(accept) & SAFE_CONTENT_TYPES
+
+
+def not_decoded_text(content_type: str | None, size: int) -> str:
+    """What the admin says instead of a value it does not decode."""
+    return (
+        f"stored as {content_type} ({size:,} bytes); not decoded here: decoding it could run "
+        "code in the web process (a worker or the scheduler decodes it)"
+    )
+
+
 def text_safe(value: str | None) -> str | None:
     """A display text (a repr, a traceback) that every database's text column holds.
 

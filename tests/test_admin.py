@@ -552,10 +552,23 @@ def test_packed_arguments_that_cannot_be_decoded_are_refused(admin_client):
         packed_args=b"\x80\x04not really pickle",
         packed_args_content_type="application/x-python-serialize",
     )
-    content = act(admin_client, "retry_tasks", [packed], confirm=False).content.decode()
+    broken = make_row(
+        status=states.FAILURE,
+        args=None,
+        kwargs=None,
+        packed_args=b"[[1, 2], {not json",
+        packed_args_content_type="application/json",
+    )
+    content = act(admin_client, "retry_tasks", [packed, broken], confirm=False).content.decode()
+    # Pickle is never decoded in the web tier (tests/test_admin_decoding.py), even when the
+    # app accepts it; JSON that does not decode is refused with the decoder's reason.
+    assert "which is not decoded here" in content
     assert "refused: its stored arguments cannot be decoded" in content
     detail_page = admin_client.get(detail(packed)).content.decode()
-    assert "packed (application/x-python-serialize), not shown" in detail_page
+    assert "stored as application/x-python-serialize (" in detail_page
+    assert "not decoded here" in detail_page
+    detail_page = admin_client.get(detail(broken)).content.decode()
+    assert "packed (application/json), not shown" in detail_page
 
 
 def test_too_large_a_selection_is_refused_before_anything_happens(admin_client, monkeypatch):

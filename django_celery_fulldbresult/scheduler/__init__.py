@@ -45,7 +45,7 @@ from .intercept import (
     uninstall,
     wants_scheduling,
 )
-from .operations import cancel_scheduled, resend_stale, safe_resend_age, send_now
+from .operations import cancel_scheduled, make_due, resend_stale, safe_resend_age, send_now
 from .revoke import revoke_waiting
 from .rows import ClaimedRow, PassResult, claimed_values
 from .sender import Sender, forward_due
@@ -62,6 +62,7 @@ __all__ = [
     "install",
     "is_forwarding",
     "is_installed",
+    "make_due",
     "maybe_schedule",
     "resend_stale",
     "revoke_waiting",

@@ -15,6 +15,7 @@ from typing import Any
 from celery import current_app
 
 from .. import conf, db
+from ..db import DatabaseNow
 from . import claims, revoke
 from .rows import ClaimedRow, PassResult, claimed_values
 from .sender import Sender, refuse_in_sqlite_transaction
@@ -66,6 +67,23 @@ def send_now(app: Any, task_ids: list[str], using: str | None = None) -> dict[st
     for row_id in published.unsent:
         outcomes[_task_id(rows, row_id)] = RELEASED
     return outcomes
+
+
+def make_due(task_ids: list[str], using: str | None = None) -> set[str]:
+    """Make these scheduled tasks due now, for the next pass of a sender; the ids that
+    were. For what the caller's process must not decode (the admin never unpickles): the
+    sender, which decodes what the app accepts, sends them. Rows a sender holds, expired or
+    no longer waiting are left alone."""
+    using = using or db.task_db_alias()
+
+    def due(alias: str) -> set[str]:
+        waiting = claims.rows(alias).filter(task_id__in=task_ids).scheduled().unclaimed()
+        waiting = waiting.unexpired()
+        ids = set(waiting.values_list("task_id", flat=True))
+        waiting.filter(task_id__in=ids).update(eta=DatabaseNow())
+        return ids
+
+    return db.run_with_reconnect(due, using)
 
 
 def _task_id(rows: list[ClaimedRow], row_id: int) -> str:
