@@ -21,7 +21,7 @@ from django.utils.html import format_html
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext_lazy
 
-from . import replay, scheduler, serialization
+from . import audit, replay, scheduler, serialization
 from .states import FINAL_STATES, SCHEDULED
 
 #: Rows one action may handle; a larger selection is refused before anything is read.
@@ -174,9 +174,38 @@ def _run(
             extra=extra,
         )
     lines = execute(rows)
+    _audit(request, modeladmin.model, action, rows, lines)
     accepted = sum(1 for line in lines if line.ok)
     report(modeladmin, request, done % {"done": accepted, "count": len(lines)}, lines)
     return None
+
+
+#: How each action names itself in the admin's history (``audit``).
+AUDIT_NAMES = {
+    "retry_tasks": "Retry",
+    "cancel_scheduled_tasks": "Cancel",
+    "send_scheduled_now": "Send now",
+    "revoke_tasks": "Revoke",
+}
+
+
+def _audit(request, model: type, action: str, rows: list[Any], lines: list[Line]) -> None:
+    """One history entry per row the action handled: what happened, and the copy's id."""
+    pks = {row.task_id: row.pk for row in rows}
+    audit.record(
+        request,
+        model,
+        AUDIT_NAMES[action],
+        (
+            audit.Entry(
+                pks[line.task_id],
+                str(model(task_id=line.task_id, status=line.status)),
+                f"{line.text} {line.link_id}" if line.link_id else line.text,
+            )
+            for line in lines
+            if line.task_id in pks
+        ),
+    )
 
 
 # -- retry --------------------------------------------------------------------------

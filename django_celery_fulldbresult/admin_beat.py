@@ -97,6 +97,7 @@ class CustomPeriodicTaskAdmin(PeriodicTaskAdmin):
                 try:
                     args, kwargs, options = beat_call(task)
                 except ValueError as exc:
+                    self.log_change(request, task, f"Run now: not sent, invalid JSON: {exc}")
                     self.message_user(
                         request,
                         format_html("{}: {} {}", task.name, _("not sent, invalid JSON:"), exc),
@@ -105,6 +106,7 @@ class CustomPeriodicTaskAdmin(PeriodicTaskAdmin):
                     continue
                 result = self._send(app, task.task, args, kwargs, producer, options)
                 sent += 1
+                self.log_change(request, task, f"Run now: sent as {result.id}")
                 url = results_url(self.admin_site.name, task.name)
                 self.message_user(
                     request,

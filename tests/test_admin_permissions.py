@@ -129,3 +129,48 @@ def test_beat_run_now_in_a_subclass_offering_it_is_still_refused(beat_viewer, ni
     )
     assert response.status_code == 403
     assert held_messages(celery_app) == []
+
+
+# -- the audit trail -------------------------------------------------------------------
+
+
+def _history(obj) -> list[str]:
+    from django.contrib.admin.models import LogEntry
+    from django.contrib.contenttypes.models import ContentType
+
+    kind = ContentType.objects.get_for_model(type(obj))
+    entries = LogEntry.objects.filter(content_type=kind, object_id=str(obj.pk)).order_by("pk")
+    return [f"{entry.user.username}|{entry.get_change_message()}" for entry in entries]
+
+
+def test_every_action_is_in_the_objects_history(admin_client, admin_user, celery_app, nightly):
+    from .test_admin import act, texts
+
+    due = timezone.now() + datetime.timedelta(hours=1)
+    failed = make_row(status=states.FAILURE, queue=HELD)
+    waiting = [make_row(status=SCHEDULED, eta=due, queue=HELD) for _ in range(3)]
+    act(admin_client, "retry_tasks", [failed])
+    copy = TaskResultMeta.objects.get(retried_from=failed.task_id)
+    act(admin_client, "cancel_scheduled_tasks", [waiting[0]])
+    act(admin_client, "send_scheduled_now", [waiting[1]])
+    act(admin_client, "revoke_tasks", [waiting[2], waiting[0]])
+    url = reverse("admin:django_celery_beat_periodictask_changelist")
+    response = admin_client.post(
+        url, {"action": "run_now", "_selected_action": [nightly.pk], "post": "yes"}, follow=True
+    )
+    assert any("sent as" in m for m in texts(response))
+
+    assert _history(failed) == [f"admin|Retry: retried as {copy.task_id}"]
+    assert _history(waiting[0]) == [
+        "admin|Cancel: cancelled",
+        "admin|Revoke: already finished (REVOKED)",
+    ]
+    assert _history(waiting[1]) == ["admin|Send now: sent now"]
+    assert _history(waiting[2]) == ["admin|Revoke: cancelled before it was sent"]
+    (entry,) = _history(nightly)
+    assert entry.startswith("admin|Run now: sent as ")
+    # ... and on the History page of the row, which a view-only operator can read.
+    page = admin_client.get(
+        reverse("admin:django_celery_fulldbresult_taskresultmeta_history", args=[failed.pk])
+    )
+    assert f"Retry: retried as {copy.task_id}" in page.content.decode()
