@@ -29,6 +29,12 @@ DEFAULTS: dict[str, Any] = {
     # Store the result, traceback and exception message of secret tasks (False: only the
     # state and the exception type; AsyncResult.get() then returns None).
     "SECRET_RESULTS": True,
+    # Fernet keys (encryption.py): the first encrypts, all decrypt. Empty: nothing encrypted.
+    "ENCRYPTION_KEYS": (),
+    # Task names (fnmatch patterns) whose stored calls are encrypted when keys are set.
+    "ENCRYPTED_TASKS": ("*",),
+    # ... and their results too.
+    "ENCRYPT_RESULTS": False,
     # The database alias that holds the task table.
     "DATABASE": "default",
     # Use a connection of our own (autocommit, not closed by Celery's Django fixup).

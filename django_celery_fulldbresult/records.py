@@ -16,7 +16,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from kombu.serialization import registry as serializer_registry
 
-from . import secrecy, serialization
+from . import encryption, secrecy, serialization
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +125,13 @@ def call_columns(
             "replayable": False,
         }
     argsrepr, kwargsrepr = serialization.text_safe(argsrepr), serialization.text_safe(kwargsrepr)
+    encrypt = encryption.applies_to(task_name)
+    if encrypt:  # the message's reprs show the arguments: not kept beside the sealed call
+        argsrepr, kwargsrepr = secrecy.hidden_repr(args), secrecy.hidden_repr(kwargs)
     encoded = None
     for name in _storing_serializers(app, task, serializer):
         try:
-            encoded = serialization.encode_call(args, kwargs, name)
+            encoded = serialization.encode_call(args, kwargs, name, encrypt=encrypt)
             break
         except Exception:  # noqa: BLE001, S112 - the next serializer the app accepts
             continue

@@ -21,7 +21,7 @@ from typing import Any
 from django.utils import timezone
 from kombu.exceptions import EncodeError
 
-from . import conf, db, publish, scheduler, secrecy, serialization
+from . import conf, db, encryption, publish, scheduler, secrecy, serialization
 from .states import PENDING, SCHEDULED
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def decodable(row: Any, accept: Any) -> bool:
     serializer names; pickle only where the caller accepts it)."""
     if row.packed_args is None:
         return True
-    return row.packed_args_content_type in serialization.accepted(accept)
+    held = encryption.inner_content_type(row.packed_args_content_type)
+    return held in serialization.accepted(accept)
 
 
 def refusal(row: Any, accept: Any = None, defer: bool = False) -> str | None:
@@ -135,9 +136,13 @@ def refusal(row: Any, accept: Any = None, defer: bool = False) -> str | None:
     return None
 
 
-def copy_options(options: dict[str, Any] | None) -> dict[str, Any]:
-    """The stored options a copy is sent with (see ``COPIED_OPTIONS``)."""
+def copy_options(options: dict[str, Any] | None, reveal: bool = False) -> dict[str, Any]:
+    """The stored options a copy is sent with (see ``COPIED_OPTIONS``); ``reveal``: with the
+    encrypted arguments of their signatures opened, to send (the copy's row keeps them
+    encrypted)."""
     options = options or {}
+    if reveal:
+        options = secrecy.reveal_in_options(options)
     return {k: options[k] for k in COPIED_OPTIONS if options.get(k) not in (None, [], {}, "")}
 
 
@@ -165,7 +170,10 @@ def _send_kwargs(row: Any) -> dict[str, Any]:
         "routing_key": row.routing_key,
         "priority": row.priority,
     }
-    return {**{k: v for k, v in routing.items() if v is not None}, **copy_options(row.options)}
+    return {
+        **{k: v for k, v in routing.items() if v is not None},
+        **copy_options(row.options, reveal=True),
+    }
 
 
 def retry(app: Any, rows: Iterable[Any], accept: Any = None) -> list[Outcome]:

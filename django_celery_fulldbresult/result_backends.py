@@ -22,7 +22,7 @@ from django.db import transaction
 from django.utils import timezone
 from kombu.exceptions import EncodeError
 
-from . import chords, conf, db, records, secrecy, serialization
+from . import chords, conf, db, encryption, records, secrecy, serialization
 from .models import GroupResultMeta, TaskResultMeta
 from .states import REVOCABLE_STATES
 
@@ -177,6 +177,8 @@ class DatabaseResultBackend(BaseBackend):
         if own_request and secrecy.hide_outcome() and self._is_secret(request):
             result, traceback = self._hidden_outcome(result, state), None
         encoded = self._encode_result(result)
+        if own_request and encryption.results_apply_to(records.task_name_of(request)):
+            encoded = serialization.seal_result(encoded)
         now = timezone.now()
         # A retry is published from inside the task, so Celery lists the task as its own child.
         children = [

@@ -29,8 +29,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery.utils.saferepr import saferepr
+from kombu.utils import json as kombu_json
 
-from . import conf
+from . import conf, encryption
 
 #: The message header that marks a call secret (set by the caller, or by this package's
 #: publisher for every secret task, once it has hidden the message's reprs).
@@ -167,6 +168,11 @@ def _hide_in_signature(sig: Mapping[str, Any], app: Any) -> tuple[dict[str, Any]
     if is_secret(name, task, headers if isinstance(headers, Mapping) else None):
         sig["args"], sig["kwargs"], sig[HIDDEN_KEY] = [], {}, True
         hidden = True
+    elif encryption.applies_to(name) and (sig.get("args") or sig.get("kwargs")):
+        # Kept, encrypted (``reveal_in_options`` opens it where the call is sent again).
+        call = kombu_json.dumps([list(sig.get("args") or ()), dict(sig.get("kwargs") or {})])
+        token, _content_type = encryption.seal(call.encode("utf-8"), "application/json")
+        sig["args"], sig["kwargs"], sig[encryption.SEALED_KEY] = [], {}, token.decode("ascii")
     return sig, hidden
 
 
@@ -195,6 +201,21 @@ def hide_in_options(options: Mapping[str, Any], app: Any) -> tuple[dict[str, Any
             options[key], found = _hide_in_value(options[key], app)
             hidden = hidden or found
     return options, hidden
+
+
+def reveal_in_options(value: Any) -> Any:
+    """Stored options (or a part of them) with the encrypted arguments of their signatures
+    opened (``encryption.SEALED_KEY``), for sending the call again."""
+    if isinstance(value, Mapping):
+        value = {key: reveal_in_options(item) for key, item in value.items()}
+        token = value.pop(encryption.SEALED_KEY, None)
+        if isinstance(token, str):
+            payload, _content_type = encryption.open_sealed(token.encode("ascii"), "")
+            value["args"], value["kwargs"] = kombu_json.loads(payload.decode("utf-8"))
+        return value
+    if isinstance(value, list):
+        return [reveal_in_options(item) for item in value]
+    return value
 
 
 def holds_hidden(options: Any) -> bool:

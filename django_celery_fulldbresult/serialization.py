@@ -20,6 +20,8 @@ from kombu.serialization import loads as kombu_loads
 from kombu.serialization import prepare_accept_content
 from kombu.utils import json as kombu_json
 
+from . import encryption
+
 JSON_CONTENT_TYPE = "application/json"
 
 
@@ -103,8 +105,16 @@ def safe_accept(accept: Any = None) -> set[str]:
     return accepted(accept) & SAFE_CONTENT_TYPES
 
 
+def safely_decodable(content_type: str | None, accept: Any = None) -> bool:
+    """Whether the web tier may decode a stored value of ``content_type`` (an encrypted one by
+    what it holds): ``safe_accept``."""
+    return encryption.inner_content_type(content_type) in safe_accept(accept)
+
+
 def not_decoded_text(content_type: str | None, size: int) -> str:
     """What the admin says instead of a value it does not decode."""
+    if encryption.is_sealed(content_type):
+        return f"encrypted at rest ({size:,} bytes); never shown here"
     return (
         f"stored as {content_type} ({size:,} bytes); not decoded here: decoding it could run "
         "code in the web process (a worker or the scheduler decodes it)"
@@ -146,7 +156,7 @@ class EncodedCall:
     packed_content_type: str | None = None
 
 
-def encode_call(args: Any, kwargs: Any, serializer: str) -> EncodedCall:
+def encode_call(args: Any, kwargs: Any, serializer: str, encrypt: bool = False) -> EncodedCall:
     """Encode args/kwargs for storage.
 
     JSON columns when they can hold them; otherwise packed with ``serializer``, the one
@@ -157,18 +167,24 @@ def encode_call(args: Any, kwargs: Any, serializer: str) -> EncodedCall:
     """
     args = list(args or ())
     kwargs = dict(kwargs or {})
-    args_text, kwargs_text = json_text_or_none(args), json_text_or_none(kwargs)
-    if args_text is not None and kwargs_text is not None:
-        return EncodedCall(args_text, kwargs_text)
+    if not encrypt:
+        args_text, kwargs_text = json_text_or_none(args), json_text_or_none(kwargs)
+        if args_text is not None and kwargs_text is not None:
+            return EncodedCall(args_text, kwargs_text)
     content_type, _encoding, payload = kombu_dumps([args, kwargs], serializer=serializer)
     if isinstance(payload, str):
         payload = payload.encode("utf-8")
+    if encrypt:  # ``encryption``: one encrypted payload, nothing readable in the row
+        payload, content_type = encryption.seal(payload, content_type)
     return EncodedCall(None, None, payload, content_type)
 
 
 def decode_packed(payload: bytes, content_type: str, accept) -> tuple[list, dict]:
     """Decode a packed (args, kwargs) pair; ``accept`` guards against pickle."""
-    args, kwargs = kombu_loads(bytes(payload), content_type, "binary", accept=accepted(accept))
+    payload = bytes(payload)
+    if encryption.is_sealed(content_type):
+        payload, content_type = encryption.open_sealed(payload, content_type)
+    args, kwargs = kombu_loads(payload, content_type, "binary", accept=accepted(accept))
     return list(args), dict(kwargs)
 
 
@@ -213,10 +229,24 @@ def encode_result_json(value: Any, force: bool) -> EncodedResult:
             raise EncodeError(str(exc)) from exc
 
 
+def seal_result(encoded: EncodedResult) -> EncodedResult:
+    """An encoded result, encrypted (``encryption``): base64 text of the token, the content
+    type saying what it holds, the holder's encoding kept."""
+    if encoded.data is None:
+        return encoded
+    raw = encoded.data.encode("ascii") if encoded.content_encoding == "binary" else None
+    payload = base64.b64decode(raw) if raw is not None else encoded.data.encode("utf-8")
+    token, content_type = encryption.seal(payload, encoded.content_type)
+    return EncodedResult(token.decode("ascii"), content_type, encoded.content_encoding)
+
+
 def decode_result(data: str | None, content_type: str, content_encoding: str, accept) -> Any:
     """Decode a stored result; raises kombu's ContentDisallowed for untrusted types."""
     if data is None:
         return None
+    if encryption.is_sealed(content_type):
+        payload, content_type = encryption.open_sealed(data.encode("ascii"), content_type)
+        return kombu_loads(payload, content_type, content_encoding, accept=accepted(accept))
     payload: str | bytes = data
     if content_encoding == "binary":
         payload = base64.b64decode(data)

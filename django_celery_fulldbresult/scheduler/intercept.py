@@ -209,7 +209,7 @@ def scheduled_row(
         # A secret task in its link, chain or chord: forwarding needs its arguments.
         logger.info("%s: a secret task in its callbacks; sent with a broker ETA", name)
         return None
-    options_text = records.options_text(call_options)
+    options_text = records.options_text(call_options, app)  # encrypted callbacks sealed
     if not call.get("replayable") or (call_options and options_text is None):
         logger.warning("%s: the call cannot be stored exactly; sent with a broker ETA", name)
         return None

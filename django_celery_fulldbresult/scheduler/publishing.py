@@ -15,7 +15,7 @@ from typing import Any
 
 from celery.utils.functional import maybe_list
 
-from .. import conf, serialization
+from .. import conf, secrecy, serialization
 from .intercept import as_aware, forwarding
 from .rows import COLUMN_OPTIONS, FORWARDED_HEADER, ClaimedRow, Published
 
@@ -49,7 +49,7 @@ def call_of(row: ClaimedRow, app: Any) -> tuple[list, dict, dict[str, Any]]:
         )
     else:
         args, kwargs = _stored_json(row, "args", list), _stored_json(row, "kwargs", dict)
-    options = _stored_json(row, "options", dict)
+    options = secrecy.reveal_in_options(_stored_json(row, "options", dict))
     for column in COLUMN_OPTIONS:
         if row.get(column) is not None:
             options[column] = row[column]
