@@ -200,3 +200,13 @@ def test_a_delayed_call_with_a_secret_callback_keeps_its_eta_in_the_broker(patch
     row = TaskResultMeta.objects.get(task_id=result.id)
     assert row.status == "SUCCESS" and not row.replayable
     assert _leaks([card], _every_stored_value()) == []
+
+
+def test_a_secret_call_stays_secret_through_its_retries():
+    # Celery sends a retry as a new message built from the request: the header goes with it.
+    result = tasks.flaky.apply_async((2,), headers=secrecy.secret_headers())
+    assert result.get(timeout=30) is not None
+    row = TaskResultMeta.objects.get(task_id=result.id)
+    assert row.retries >= 1
+    assert (row.args, row.kwargs, row.packed_args, row.replayable) == (None, None, None, False)
+    assert row.argsrepr == "<1 hidden>"
