@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 from celery import states
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import connection
 from django.utils import timezone
 
@@ -98,7 +98,7 @@ def test_find_stale_tasks_options_and_json():
     assert items[0]["status"] == states.RETRY and items[0]["task"] == retry.task
     out = io.StringIO()
     call_command("find_stale_tasks", "--days=9", stdout=out)
-    assert out.getvalue().strip() == "Stale tasks:"
+    assert out.getvalue().splitlines() == ["Stale tasks:", "  none"]
     out = io.StringIO()
     call_command("find_stale_tasks", "--minutes=1", "--seconds=1", "--microseconds=1", stdout=out)
     assert pending.task_id in out.getvalue() and retry.task_id in out.getvalue()
@@ -152,3 +152,23 @@ def test_started_task_of_a_killed_worker_becomes_stale(worker_processes, setting
     row = TaskResultMeta.objects.get(task_id=lost.id)
     assert row.status == states.STARTED and row.hostname.startswith("doomed@")
     worker_processes.kill(alive)  # do not wait a minute for its task
+
+
+def test_the_stale_commands_refuse_negative_ages_and_say_their_rule():
+    for command in ("find_stale_tasks", "find_stale_scheduled_tasks", "task_stats"):
+        with pytest.raises(CommandError, match="must be zero or more, not -1"):
+            call_command(command, "--hours=-1")
+    out, err = io.StringIO(), io.StringIO()
+    call_command("find_stale_tasks", stdout=out, stderr=err)
+    assert "No age given" in err.getvalue() and "every unfinished task counts" in err.getvalue()
+
+
+def test_setup_scheduler_beat_without_beat_says_what_to_install(monkeypatch):
+    from django.apps import apps
+
+    installed = apps.is_installed
+    monkeypatch.setattr(
+        apps, "is_installed", lambda name: name != "django_celery_beat" and installed(name)
+    )
+    with pytest.raises(CommandError, match=r"needs django-celery-beat: pip install"):
+        call_command("setup_scheduler_beat")

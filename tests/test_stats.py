@@ -219,6 +219,7 @@ def test_task_stats_json_text_and_prometheus(seeded):
     out = io.StringIO()
     call_command("task_stats", stdout=out)
     text = out.getvalue()
+    assert text.startswith("Task results over the last 24 hours (since ")
     assert "failure rate 28.6%" in text
     assert "Scheduled: 3 waiting, 1 due now, oldest overdue by" in text
     assert any(line.split()[:2] == [FAIL, "2"] for line in text.splitlines())

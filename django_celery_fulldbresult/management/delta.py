@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterable
 from datetime import timedelta
@@ -10,16 +11,31 @@ from typing import Any
 DELTA_UNITS = ("weeks", "days", "hours", "minutes", "seconds", "microseconds")
 
 
+def non_negative(text: str) -> float:
+    """An age: a number of units, never negative (argparse says which option is wrong)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0 or value != value:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be zero or more, not {text}")
+    return value
+
+
 def add_delta_arguments(
     parser: Any, what: str, template: str = "Report {what} older than this many {unit}"
 ) -> None:
     for unit in DELTA_UNITS:
         parser.add_argument(
             f"--{unit}",
-            type=float,
+            type=non_negative,
             default=0,
             help=template.format(what=what, unit=unit) + " (added to the other units).",
         )
+
+
+def age_given(options: dict[str, Any]) -> bool:
+    return any(options.get(unit) for unit in DELTA_UNITS)
 
 
 def delta_from_options(options: dict[str, Any]) -> timedelta:
@@ -55,4 +71,6 @@ def write_rows(command: Any, header: str, rows: Iterable[dict[str, Any]], as_jso
     for row in rows:
         command.stdout.write(f"  {row['reference_date']} - {row['task_id']}: {row['task']}")
         count += 1
+    if not count:
+        command.stdout.write("  none")
     return count

@@ -8,6 +8,7 @@ from django.db.models import Case, F, When
 from django_celery_fulldbresult.management.delta import (
     ROW_FIELDS,
     add_delta_arguments,
+    age_given,
     delta_from_options,
     write_rows,
 )
@@ -19,7 +20,8 @@ class Command(BaseCommand):
     help = (
         "List tasks that should have finished by now: not SUCCESS/FAILURE/REVOKED, with no "
         "state change for the given time (STARTED: and their worker is gone; SCHEDULED: "
-        "overdue). See 'Stale tasks' in docs/design.md."
+        "overdue). With no age, every unfinished task whose last change is in the past "
+        "counts. See 'Finding tasks that never finish' in the README."
     )
 
     def add_arguments(self, parser: Any) -> None:
@@ -35,6 +37,11 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="Print JSON instead of text.")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if not age_given(options) and not options["json"]:
+            self.stderr.write(
+                "No age given (--minutes, --hours, ...): every unfinished task counts, even "
+                "one published a moment ago."
+            )
         rows = (
             TaskResultMeta.objects.get_stale_tasks(
                 delta_from_options(options), options["terminal_states"]

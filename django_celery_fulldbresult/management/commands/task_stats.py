@@ -21,9 +21,21 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f}%"
 
 
+def window_text(seconds: float) -> str:
+    """A window as a person says it: "24 hours", "7 days", "90 minutes", "45 seconds"."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        count, rest = divmod(seconds, size)
+        if not rest and count and (unit != "day" or count > 1):
+            if unit == "hour" and count % 24 == 0 and count > 24:
+                continue
+            count = int(count)
+            return f"{count} {unit}" + ("s" if count != 1 else "")
+    return f"{seconds:g} seconds"
+
+
 def render_text(stats: dict[str, Any]) -> str:
     """A report for a terminal: totals first, then one line per task name."""
-    window = timedelta(seconds=stats["window"]["seconds"])
+    window = window_text(stats["window"]["seconds"])
     runtime = stats["runtime"]
     how = "exact" if runtime["exact"] else f"of the {runtime['runs']} most recent runs"
     lines = [
