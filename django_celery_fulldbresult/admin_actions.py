@@ -315,10 +315,7 @@ SEND_NOW_TEXT = {
 
 
 def _decodable_here(app: Any, row: Any) -> bool:
-    content_type = row.packed_args_content_type
-    return content_type is None or serialization.safely_decodable(
-        content_type, app.conf.accept_content
-    )
+    return replay.decodable(row, serialization.safe_accept(app.conf.accept_content))
 
 
 @admin.action(

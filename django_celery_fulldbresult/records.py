@@ -157,11 +157,9 @@ def _clean(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v not in (None, [], {}, "")}
 
 
-def options_text(options: dict[str, Any], app: Any = None) -> str | None:
-    """The options column as JSON text (None when empty or not encodable); with ``app``,
-    without the arguments of secret tasks in its signatures (``secrecy.hide_in_options``)."""
-    if app is not None:
-        options = secrecy.hide_in_options(options, app)[0]
+def options_text(options: dict[str, Any]) -> str | None:
+    """The options column as JSON text (None when empty or not encodable); the caller has
+    taken secret arguments out of its signatures (``secrecy.hide_in_options``)."""
     options = _clean(options)
     if not options:
         return None

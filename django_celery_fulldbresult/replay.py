@@ -97,8 +97,9 @@ class Outcome:
 
 def decodable(row: Any, accept: Any) -> bool:
     """Whether this process may decode the row's stored call (``accept``: content types or
-    serializer names; pickle only where the caller accepts it)."""
-    if row.packed_args is None:
+    serializer names; pickle only where the caller accepts it). Reads the content type only
+    (the admin's rows do not load the payload)."""
+    if row.packed_args_content_type is None:
         return True
     held = encryption.inner_content_type(row.packed_args_content_type)
     return held in serialization.accepted(accept)

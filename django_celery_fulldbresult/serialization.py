@@ -105,12 +105,6 @@ def safe_accept(accept: Any = None) -> set[str]:
     return accepted(accept) & SAFE_CONTENT_TYPES
 
 
-def safely_decodable(content_type: str | None, accept: Any = None) -> bool:
-    """Whether the web tier may decode a stored value of ``content_type`` (an encrypted one by
-    what it holds): ``safe_accept``."""
-    return encryption.inner_content_type(content_type) in safe_accept(accept)
-
-
 def not_decoded_text(content_type: str | None, size: int) -> str:
     """What the admin says instead of a value it does not decode."""
     if encryption.is_sealed(content_type):

@@ -205,11 +205,13 @@ def scheduled_row(
         serializer=options.get("serializer"),
     )
     call_options = {k: v for k, v in options.items() if k not in COLUMN_OPTIONS and v is not None}
-    if secrecy.hide_in_options(call_options, app)[1]:
+    # One walk of the callbacks: secret ones hidden, encrypted ones sealed.
+    stored_options, hidden = secrecy.hide_in_options(call_options, app)
+    if hidden:
         # A secret task in its link, chain or chord: forwarding needs its arguments.
         logger.info("%s: a secret task in its callbacks; sent with a broker ETA", name)
         return None
-    options_text = records.options_text(call_options, app)  # encrypted callbacks sealed
+    options_text = records.options_text(stored_options)
     if not call.get("replayable") or (call_options and options_text is None):
         logger.warning("%s: the call cannot be stored exactly; sent with a broker ETA", name)
         return None
