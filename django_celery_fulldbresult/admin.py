@@ -25,7 +25,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
-from . import admin_actions, admin_filters, conf, secrecy, serialization
+from . import admin_actions, admin_filters, beat, conf, secrecy, serialization
 from .admin_paginator import EstimatedCountPaginator
 from .models import TaskResultMeta
 from .states import (
@@ -444,6 +444,9 @@ class TaskResultMetaAdmin(admin.ModelAdmin):
 def __getattr__(name: str) -> Any:
     # CustomPeriodicTaskAdmin needs django-celery-beat: imported only when asked for.
     if name == "CustomPeriodicTaskAdmin":
+        reason = beat.unavailable("CustomPeriodicTaskAdmin")
+        if reason:
+            raise ImportError(reason)
         from .admin_beat import CustomPeriodicTaskAdmin
 
         return CustomPeriodicTaskAdmin

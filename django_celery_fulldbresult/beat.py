@@ -1,11 +1,47 @@
-"""django-celery-beat integration."""
+"""django-celery-beat integration.
+
+django-celery-beat is optional (the ``beat`` extra). Its 2.9 release declares ``Django<6.1``,
+so on Django 6.1 pip does not install it: there the beat features (the periodic tasks' admin
+with Run now, ``setup_scheduler_beat``) are unavailable, and say so through ``unavailable()``;
+``run_scheduler`` forwards delayed tasks without beat.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
+
+import django
+from django.apps import apps
 
 SENDER_TASK = "django_celery_fulldbresult.tasks.send_scheduled_task"
 ENTRY_NAME = "django-celery-fulldbresult: send scheduled tasks"
+
+
+# The first Django that no django-celery-beat release supports yet (2.9: Django<6.1).
+UNSUPPORTED_DJANGO = (6, 1)
+
+
+def unavailable(feature: str) -> str | None:
+    """Why ``feature`` cannot use django-celery-beat in this project, or None if it can."""
+    if apps.is_installed("django_celery_beat"):
+        return None
+    if importlib.util.find_spec("django_celery_beat") is None:
+        if django.VERSION[:2] >= UNSUPPORTED_DJANGO:
+            return (
+                f"{feature} needs django-celery-beat, which does not support Django "
+                f"{django.get_version()} yet (django-celery-beat 2.9 declares Django<6.1). "
+                "Forward delayed tasks with manage.py run_scheduler instead."
+            )
+        return (
+            f"{feature} needs django-celery-beat: pip install "
+            "'django-celery-fulldbresult[beat]', add 'django_celery_beat' to INSTALLED_APPS "
+            "and migrate (or forward delayed tasks without beat: manage.py run_scheduler)."
+        )
+    return (
+        f"{feature} needs 'django_celery_beat' in INSTALLED_APPS (it is installed), then "
+        "manage.py migrate."
+    )
 
 
 def install_scheduler_entry(

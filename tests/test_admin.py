@@ -21,6 +21,7 @@ from django_celery_fulldbresult.models import TaskResultMeta
 from testproject.demo import tasks
 from testproject.demo.models import Run
 
+from .beat_support import needs_beat
 from .conftest import queue_name, take_messages, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -466,6 +467,7 @@ def periodic(db):
     return create
 
 
+@needs_beat
 def test_beat_admin_is_overridden_and_links_to_results(admin_client, periodic):
     from django.contrib import admin
     from django_celery_beat.models import PeriodicTask
@@ -480,6 +482,7 @@ def test_beat_admin_is_overridden_and_links_to_results(admin_client, periodic):
     assert "?periodic_task_name=nightly+%26+%3Creport%3E" in content
 
 
+@needs_beat
 def test_beat_run_now_honours_the_routing_and_headers(admin_client, periodic, celery_app):
     task = periodic(
         name="report <b>",
@@ -512,6 +515,7 @@ def test_beat_run_now_honours_the_routing_and_headers(admin_client, periodic, ce
     assert stored.expires is not None
 
 
+@needs_beat
 @pytest.mark.usefixtures("worker")
 def test_beat_run_now_reaches_the_worker(admin_client, periodic, celery_app):
     task = periodic(name="echo now", kwargs='{"x": 1}', headers='{"tenant": "acme"}')
@@ -524,16 +528,22 @@ def test_beat_run_now_reaches_the_worker(admin_client, periodic, celery_app):
     assert [r.task_id for r in listed] == [done.get().task_id]
 
 
-def test_custom_admin_site(admin_client, settings, periodic):
+def test_custom_admin_site(admin_client, settings):
     settings.ROOT_URLCONF = "tests.custom_admin_urls"
     target = make_row(periodic_task_name="nightly")
-    periodic(name="nightly")
     url = reverse("custom:django_celery_fulldbresult_taskresultmeta_changelist")
     assert url.startswith("/custom-admin/")
     assert target.task_id in admin_client.get(url).content.decode()
+    assert admin_client.get(url + "dashboard/").status_code in (200, 404)
+
+
+@needs_beat
+def test_custom_admin_site_links_beat_to_results(admin_client, settings, periodic):
+    settings.ROOT_URLCONF = "tests.custom_admin_urls"
+    periodic(name="nightly")
+    url = reverse("custom:django_celery_fulldbresult_taskresultmeta_changelist")
     beat = admin_client.get(reverse("custom:django_celery_beat_periodictask_changelist"))
     assert f'href="{url}?periodic_task_name=nightly"' in beat.content.decode()
-    assert admin_client.get(url + "dashboard/").status_code in (200, 404)
 
 
 def test_the_0_5_setting_name_is_accepted(settings):

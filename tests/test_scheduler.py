@@ -23,6 +23,7 @@ from django_celery_fulldbresult.scheduler.rows import FORWARDED_HEADER
 from testproject.demo import tasks
 from testproject.demo.models import Run
 
+from .beat_support import needs_beat
 from .conftest import HELD, STACK, queue_name, wait_for
 from .test_publish_tracking import drain
 
@@ -466,6 +467,7 @@ def test_stale_scheduled_tasks_command_and_resend(patched, celery_app):
     assert not TaskResultMeta.objects.get_stale_scheduled_tasks().exists()
 
 
+@needs_beat
 def test_setup_scheduler_beat_creates_the_periodic_task(db):
     from django_celery_beat.models import PeriodicTask
 

@@ -161,14 +161,3 @@ def test_the_stale_commands_refuse_negative_ages_and_say_their_rule():
     out, err = io.StringIO(), io.StringIO()
     call_command("find_stale_tasks", stdout=out, stderr=err)
     assert "No age given" in err.getvalue() and "every unfinished task counts" in err.getvalue()
-
-
-def test_setup_scheduler_beat_without_beat_says_what_to_install(monkeypatch):
-    from django.apps import apps
-
-    installed = apps.is_installed
-    monkeypatch.setattr(
-        apps, "is_installed", lambda name: name != "django_celery_beat" and installed(name)
-    )
-    with pytest.raises(CommandError, match=r"needs django-celery-beat: pip install"):
-        call_command("setup_scheduler_beat")
