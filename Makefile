@@ -4,12 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-services test-matrix conformance bench soak soak-small lint services screenshot clean
+.PHONY: venv demo admin test test-services test-matrix conformance bench soak soak-small lint services screenshot docs clean
 
+# -qq: errors only, so `make demo` starts with no pip notices (a machine's pip configuration
+# can add warnings of its own to every call).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,postgres]'
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -e '.[test,beat,postgres]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -17,6 +19,12 @@ venv: $(STAMP)
 ## Demo on SQLite + the filesystem broker: starts a worker, sends tasks, prints the table.
 demo: venv
 	$(PY) scripts/demo.py
+
+## The admin on the demo's data (after `make demo`): superuser admin / admin in the demo's
+## SQLite database, then runserver on http://127.0.0.1:8000/admin/ (ADMIN_ADDR=host:port).
+ADMIN_ADDR ?= 127.0.0.1:8000
+admin: venv
+	$(PY) scripts/demo_admin.py $(ADMIN_ADDR)
 
 ## The test suite on SQLite + the filesystem broker (no services needed).
 test: venv
@@ -67,5 +75,14 @@ lint: venv
 services:
 	bash scripts/services.sh
 
+## The documentation site (docs/) in docs/_build/html: Sphinx, every warning an error.
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -qq -e '.[docs]'
+	@touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) testproject/var .pytest_cache .conformance
+	rm -rf $(VENV) testproject/var .pytest_cache .conformance docs/_build

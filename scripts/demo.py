@@ -5,10 +5,14 @@ Run from the repository root (``make demo``)::
 
     .venv/bin/python scripts/demo.py
 
-It starts real Celery workers as subprocesses, sends a handful of tasks, prints
-what the task table holds and which tasks ``find_stale_tasks`` reports. Every
-run starts from an empty folder, ``testproject/var/demo`` (database, broker
-folders, worker logs), and leaves no worker process behind.
+It starts real Celery workers and the ETA scheduler's sender (``manage.py
+run_scheduler``) as subprocesses, sends a handful of tasks, shows delayed tasks
+waiting as SCHEDULED rows until the sender forwards them (a retry with a
+countdown, a cancelled task that never runs), prints what the task table holds
+and which tasks ``find_stale_tasks`` reports, and ends with how to open the
+admin on this data (``make admin``, scripts/demo_admin.py). Every run starts
+from an empty folder, ``testproject/var/demo`` (database, broker folders, logs;
+``$FULLDB_VAR_DIR/demo`` when that is set), and leaves no process behind.
 
 Exit status: 0 on success, 1 when something did not behave as expected,
 130 when interrupted (Ctrl-C or SIGTERM).
@@ -33,9 +37,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-VAR_DIR = ROOT / "testproject" / "var" / "demo"
+#: FULLDB_VAR_DIR as given (the admin hint repeats it); the demo's folder is a
+#: subfolder of it, emptied at each run, so that nothing else in it is touched.
+GIVEN_VAR_DIR = os.environ.get("FULLDB_VAR_DIR", "")
+VAR_DIR = Path(GIVEN_VAR_DIR or ROOT / "testproject" / "var").absolute() / "demo"
 WORKER_LOG = VAR_DIR / "worker.log"
 DOOMED_LOG = VAR_DIR / "doomed-worker.log"
+SENDER_LOG = VAR_DIR / "scheduler.log"
 PIDFILE = VAR_DIR / "workers.pid"
 PYTHON = sys.executable
 HOST = socket.gethostname()  # what Celery puts in place of %h
@@ -45,6 +53,7 @@ STALE_AFTER = 3  # find_stale_tasks --seconds
 READY_TIMEOUT = 40  # seconds for a worker to run its first task
 TASK_TIMEOUT = 20  # seconds for any one task of the demo
 STOP_TIMEOUT = 15  # seconds a worker gets to shut down before SIGKILL
+ADMIN_URL = "http://127.0.0.1:8000/admin/"  # where ``make admin`` serves it
 
 # Environment of this process, the workers and the management commands. The
 # knobs that would point the project elsewhere are dropped: the demo always runs
@@ -63,6 +72,9 @@ os.environ.update(
         "FULLDB_STACK": "sqlite",
         "FULLDB_VAR_DIR": str(VAR_DIR),
         "FULLDB_HEARTBEAT": str(HEARTBEAT),
+        # eta/countdown calls wait in the database (DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA
+        # and MONKEY_PATCH_ASYNC in testproject/settings.py) until run_scheduler sends them.
+        "FULLDB_SCHEDULE_ETA": "1",
         "DJANGO_SETTINGS_MODULE": "testproject.settings",
         "PYTHONPATH": os.pathsep.join(
             p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
@@ -100,21 +112,24 @@ def tail(path: Path, lines: int = 30) -> str:
 
 
 def rel(path: Path) -> Path:
-    return path.relative_to(ROOT)
+    """``path`` relative to the repository when it is inside (FULLDB_VAR_DIR may not be)."""
+    try:
+        return path.relative_to(ROOT)
+    except ValueError:
+        return path
 
 
 # -- worker processes ---------------------------------------------------------
 
 
-class Worker:
-    """A Celery worker subprocess in a session (and process group) of its own."""
+class Process:
+    """A subprocess in a session (and process group) of its own, its output in ``log``."""
 
-    def __init__(self, name: str, log: Path, *options: str, stop_timeout: float) -> None:
-        self.label = f"{name}@{HOST}"
+    def __init__(self, title: str, log: Path, args: list[str], stop_timeout: float) -> None:
+        self.title = title  # "worker demo@host", "sender run_scheduler"
         self.stop_timeout = stop_timeout
         self.log = log
-        self.args = [PYTHON, "-m", "celery", "-A", "testproject", "worker", *options]
-        self.args += ["--loglevel=WARNING", "-n", f"{name}@%h"]
+        self.args = args
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -122,6 +137,7 @@ class Worker:
             self.proc = subprocess.Popen(
                 self.args,
                 cwd=ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},  # its log as it happens
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -139,13 +155,13 @@ class Worker:
     def check_alive(self) -> None:
         if self.proc is not None and not self.alive():
             raise DemoError(
-                f"worker {self.label} exited with status {self.proc.returncode}; "
+                f"{self.title} exited with status {self.proc.returncode}; "
                 f"last lines of {rel(self.log)}:\n{tail(self.log)}",
                 show_log=False,
             )
 
     def kill(self) -> None:
-        """SIGKILL the worker and everything in its process group."""
+        """SIGKILL the process and everything in its process group."""
         if self.proc is None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -174,19 +190,35 @@ class Worker:
         return how
 
 
-def stop_workers(workers: list[Worker]) -> None:
-    started = [w for w in workers if w.proc is not None]
-    for worker in started:
-        worker.terminate()
+class Worker(Process):
+    """A Celery worker of the test project."""
+
+    def __init__(self, name: str, log: Path, *options: str, stop_timeout: float) -> None:
+        self.label = f"{name}@{HOST}"
+        args = [PYTHON, "-m", "celery", "-A", "testproject", "worker", *options]
+        args += ["--loglevel=WARNING", "-n", f"{name}@%h"]
+        super().__init__(f"worker {self.label}", log, args, stop_timeout)
+
+
+def scheduler_sender() -> Process:
+    """The ETA scheduler's sender: forwards each SCHEDULED row to the broker at its eta."""
+    args = [PYTHON, "testproject/manage.py", "run_scheduler"]
+    return Process("sender run_scheduler", SENDER_LOG, args, stop_timeout=5)
+
+
+def stop_processes(processes: list[Process]) -> None:
+    started = [p for p in processes if p.proc is not None]
+    for process in started:
+        process.terminate()
     now = time.monotonic()
-    for worker in started:
-        say(f"worker {worker.label}: {worker.wait_or_kill(now + worker.stop_timeout)}")
+    for process in started:
+        say(f"{process.title}: {process.wait_or_kill(now + process.stop_timeout)}")
     with contextlib.suppress(OSError):
         PIDFILE.unlink()
 
 
 def kill_leftovers() -> None:
-    """Kill the workers of an earlier run of this script that was itself killed.
+    """Kill the workers (and sender) of an earlier run of this script that was itself killed.
 
     They would otherwise consume this run's messages from the recreated broker
     folder. Only the process groups recorded in the pidfile are touched, and
@@ -202,20 +234,21 @@ def kill_leftovers() -> None:
         except OSError:  # no ps: nothing can be checked, so nothing is killed
             return
         command = done.stdout.decode(errors="replace").strip()
-        if "celery" in command and ("demo@" in command or "doomed@" in command):
+        ours = "celery" in command and ("demo@" in command or "doomed@" in command)
+        if ours or "manage.py run_scheduler" in command:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-                print(f"killed worker {pid} left over by an earlier run of the demo")
+                print(f"killed process {pid} left over by an earlier run of the demo")
 
 
 def wait_for(
     predicate: Callable[[], Any],
     timeout: float,
     what: str,
-    workers: list[Worker],
+    workers: list[Process],
     interval: float = 0.1,
 ) -> Any:
-    """Poll ``predicate`` until it returns a true value; fail at once if a worker died."""
+    """Poll ``predicate`` until it returns a true value; fail at once if a process died."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -263,12 +296,12 @@ def call_text(row: Any) -> str:
 
 def print_table(rows: Any) -> None:
     print(
-        f"  {'TASK ID':8}  {'TASK':11}  {'STATE':8}  {'RETRIES':7}  {'QUEUE':7}  "
+        f"  {'TASK ID':8}  {'TASK':11}  {'STATE':9}  {'RETRIES':7}  {'QUEUE':7}  "
         f"{'WORKER':14}  CALL AS STORED (row.get_call())"
     )
     for row in rows:
         print(
-            f"  {row.task_id[:8]}  {short_name(row.task):11}  {row.status:8}  "
+            f"  {row.task_id[:8]}  {short_name(row.task):11}  {row.status:9}  "
             f"{row.retries:<7}  {row.queue or '-':7}  {row.hostname or '-':14}  {call_text(row)}"
         )
 
@@ -276,7 +309,132 @@ def print_table(rows: Any) -> None:
 # -- the demo -------------------------------------------------------------------
 
 
-def run_demo(demo_worker: Worker, doomed_worker: Worker) -> None:
+def show_scheduler(processes: list[Process]) -> None:
+    """Delayed tasks wait as SCHEDULED rows, the sender forwards them at their eta, the
+    worker runs them; a retry with a countdown waits the same way; a cancelled one never runs."""
+    from celery import states
+    from django.utils import timezone as dj_timezone
+
+    from django_celery_fulldbresult import scheduler
+    from django_celery_fulldbresult.models import TaskResultMeta
+    from django_celery_fulldbresult.states import SCHEDULED, SCHEDULED_SENT
+    from testproject.demo import tasks
+    from testproject.demo.models import Run
+
+    section("ETA scheduler: delayed tasks wait in the database, not in a worker")
+    print("  countdown/eta calls become SCHEDULED rows; run_scheduler sends each one when due.")
+    sent_at = dj_timezone.now()
+
+    def since(when: datetime) -> str:
+        return f"+{(when - sent_at).total_seconds():.2f}s"
+
+    soon = tasks.add.apply_async((2, 2), countdown=2)
+    at_eta = tasks.echo.apply_async(("at eta",), eta=sent_at + timedelta(seconds=3))
+    cancelled = tasks.record_run.apply_async(("cancel me",), countdown=2)
+    later = tasks.echo.apply_async(("in an hour",), countdown=3600)
+    labels = {
+        soon.id: "add(2, 2)",
+        at_eta.id: "echo('at eta')",
+        cancelled.id: "record_run('cancel me')",
+        later.id: "echo('in an hour')",
+    }
+    say(
+        "sent add(2, 2) countdown=2, echo('at eta') eta=now+3s, "
+        "record_run('cancel me') countdown=2, echo('in an hour') countdown=3600"
+    )
+    waiting = list(TaskResultMeta.objects.filter(task_id__in=labels).order_by("eta", "id"))
+    say("their rows in the task table (times: seconds since they were sent):")
+    print(f"  {'TASK ID':8}  {'CALL':24}  {'STATE':9}  {'ETA':10}  QUEUE")
+    for row in waiting:
+        eta = since(row.eta) if row.eta else "-"
+        print(
+            f"  {row.task_id[:8]}  {labels[row.task_id]:24}  {row.status:9}  {eta:10}  {row.queue}"
+        )
+    if len(waiting) != len(labels) or any(row.status != SCHEDULED for row in waiting):
+        raise DemoError(f"expected 4 SCHEDULED rows, found {[(r.task, r.status) for r in waiting]}")
+
+    if not scheduler.cancel_scheduled(cancelled.id):
+        raise DemoError("cancel_scheduled(record_run) returned False")
+    say(
+        "scheduler.cancel_scheduled(record_run('cancel me')) = True: REVOKED, never to be sent "
+        "(the admin's Cancel action does the same)"
+    )
+    retried = tasks.flaky.delay(succeed_on=1, countdown=2)
+    labels[retried.id] = "flaky(countdown=2)"
+    say("sent flaky(succeed_on=1, countdown=2): its first attempt fails and retries 2s later")
+
+    section("Their state changes, as the table shows them (polled every 20 ms)")
+    last = {soon.id: (SCHEDULED, 0), at_eta.id: (SCHEDULED, 0)}  # (state, retries)
+    watched = [soon, at_eta, retried]
+    cancelled_eta = next(row.eta for row in waiting if row.task_id == cancelled.id)
+    # A pass of the sender (it sleeps a second at most) after the cancelled task's eta.
+    checked_after = cancelled_eta + timedelta(seconds=1.5)
+
+    def describe(row: Any) -> str:
+        if row.status == SCHEDULED and row.retries:
+            n = row.retries
+            return f"attempt {n} failed; retry {n} waits as a row until {since(row.eta)}"
+        if row.status == SCHEDULED_SENT and row.eta:
+            late = (row.date_modified - row.eta).total_seconds()
+            return f"forwarded by run_scheduler {late:.2f}s after its eta"
+        if row.status == states.STARTED:
+            return f"attempt {row.retries + 1} on {row.hostname}"
+        if row.status == states.SUCCESS:
+            return f"= {row.get_result()!r}"
+        if row.status == states.FAILURE and row.traceback:
+            return row.traceback.strip().splitlines()[-1]
+        return ""
+
+    def changed() -> bool:
+        rows = TaskResultMeta.objects.filter(task_id__in=[r.id for r in watched])
+        for row in rows.order_by("date_modified", "id"):
+            previous = last.get(row.task_id)
+            if previous == (row.status, row.retries):
+                continue
+            last[row.task_id] = (row.status, row.retries)
+            step = f"{previous[0]} -> {row.status}" if previous else row.status
+            print(
+                f"  {since(row.date_modified):>7}  {labels[row.task_id]:18}  {step:27}  "
+                f"{describe(row)}",
+                flush=True,
+            )
+        return all(r.ready() for r in watched) and dj_timezone.now() > checked_after
+
+    wait_for(changed, TASK_TIMEOUT, "the delayed tasks to run", processes, interval=0.02)
+
+    if (soon.get(timeout=5), at_eta.get(timeout=5)) != (4, {"args": ["at eta"], "kwargs": {}}):
+        raise DemoError(f"the delayed tasks returned {soon.result!r}, {at_eta.result!r}")
+    flaky_row = TaskResultMeta.objects.get(task_id=retried.id)
+    if retried.get(timeout=5) != "succeeded after 1 retries" or flaky_row.retries != 1:
+        raise DemoError(f"flaky ended as {retried.result!r} with retries={flaky_row.retries}")
+    done = TaskResultMeta.objects.filter(task_id__in=[r.id for r in watched])
+    early = [labels[r.task_id] for r in done if not (r.date_started and r.date_started >= r.eta)]
+    if early:
+        raise DemoError(f"started before its eta: {', '.join(early)}")
+    forwarded = sent_by_scheduler()
+    if forwarded != len(watched):
+        raise DemoError(f"run_scheduler's log says it sent {forwarded} tasks, not {len(watched)}")
+    say(f"run_scheduler forwarded {forwarded} tasks (its log: {rel(SENDER_LOG)})")
+    say("add, echo and flaky's retry each started after its eta, not before")
+
+    row = TaskResultMeta.objects.get(task_id=cancelled.id)
+    if row.status != states.REVOKED or Run.objects.filter(task_id=cancelled.id).exists():
+        raise DemoError(f"the cancelled record_run is {row.status} or ran")
+    past = (dj_timezone.now() - row.eta).total_seconds()
+    say(
+        f"record_run('cancel me') was cancelled: its eta passed {past:.1f}s ago, it is still "
+        "REVOKED and never ran (it records every run: none)"
+    )
+    say("echo('in an hour') stays SCHEDULED: see it in the admin (Cancel, Send now)")
+
+
+def sent_by_scheduler() -> int:
+    """How many tasks run_scheduler says it sent (its "sent N, expired ..." lines)."""
+    lines = tail(SENDER_LOG, lines=10_000).splitlines()
+    return sum(int(line.split()[1].rstrip(",")) for line in lines if line.startswith("sent "))
+
+
+def run_demo(demo_worker: Worker, doomed_worker: Worker, sender: Process) -> None:
     # Django is set up only now: the settings create the (just emptied) var folder.
     import django
 
@@ -291,7 +449,7 @@ def run_demo(demo_worker: Worker, doomed_worker: Worker) -> None:
     from django_celery_fulldbresult.models import TaskResultMeta, WorkerHeartbeat
     from testproject.demo import tasks
 
-    workers = [demo_worker, doomed_worker]
+    workers: list[Process] = [demo_worker, doomed_worker, sender]
     # A worker counts as gone after GRACE missed heartbeats (heartbeat.live_hostnames).
     beat_every, grace = heartbeat.interval(), int(conf.get("WORKER_HEARTBEAT_GRACE"))
     if beat_every <= 0:
@@ -312,6 +470,8 @@ def run_demo(demo_worker: Worker, doomed_worker: Worker) -> None:
     say(f"started worker {demo_worker.label}: prefork, 2 processes -> {rel(WORKER_LOG)}")
     doomed_worker.start()
     say(f"started worker {doomed_worker.label}: solo, queue 'doomed' -> {rel(DOOMED_LOG)}")
+    sender.start()
+    say(f"started the ETA scheduler's sender: manage.py run_scheduler -> {rel(SENDER_LOG)}")
 
     # Sent at once so that it starts as soon as its worker is up.
     doomed = tasks.sleep.apply_async((60,), queue="doomed")
@@ -396,6 +556,8 @@ def run_demo(demo_worker: Worker, doomed_worker: Worker) -> None:
     if not same:
         raise DemoError(f"the echo row holds {row(echoed).get_call()!r}")
 
+    show_scheduler(workers)
+
     section(f"Stale tasks (--seconds {STALE_AFTER}) while worker {doomed_worker.label} lives")
     # Both unfinished rows must be older than the threshold: the STARTED one is
     # still not stale, because its worker sends heartbeats.
@@ -468,9 +630,10 @@ def main() -> int:
     demo_worker = Worker("demo", WORKER_LOG, "-P", "prefork", "-c", "2", stop_timeout=STOP_TIMEOUT)
     # A warm shutdown waits for the running task, sleep(60): no use waiting long.
     doomed_worker = Worker("doomed", DOOMED_LOG, "-P", "solo", "-Q", "doomed", stop_timeout=2)
+    sender = scheduler_sender()
     status = 0
     try:
-        run_demo(demo_worker, doomed_worker)
+        run_demo(demo_worker, doomed_worker, sender)
     except DemoError as exc:
         print(f"\nDEMO FAILED: {exc}", file=sys.stderr)
         if exc.show_log:
@@ -491,10 +654,20 @@ def main() -> int:
         # Ctrl-C may cut it short and leave workers behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        section("Stopping the workers (SIGTERM, SIGKILL after a timeout)")
-        stop_workers([demo_worker, doomed_worker])
+        section("Stopping the workers and the sender (SIGTERM, SIGKILL after a timeout)")
+        stop_processes([demo_worker, doomed_worker, sender])
     say("demo finished" if status == 0 else f"demo failed (exit status {status})")
+    if status == 0:
+        admin_hint()
     return status
+
+
+def admin_hint() -> None:
+    """How to open the admin on what the demo left in its database."""
+    command = f"FULLDB_VAR_DIR={VAR_DIR.parent} make admin" if GIVEN_VAR_DIR else "make admin"
+    section("Next: the admin on this data")
+    print(f"  {command}    # demo superuser admin / password admin (this local database only)")
+    print(f"  then open {ADMIN_URL} (Ctrl-C stops the server)")
 
 
 if __name__ == "__main__":

@@ -37,10 +37,13 @@ def read_file(path):
 
 
 @shared_task(bind=True, max_retries=3, default_retry_delay=0)
-def flaky(self, succeed_on=2):
-    """Retries until attempt ``succeed_on`` (0-based), then succeeds."""
+def flaky(self, succeed_on=2, countdown=0):
+    """Retries until attempt ``succeed_on`` (0-based), each retry ``countdown`` seconds
+    later, then succeeds."""
     if self.request.retries < succeed_on:
-        raise self.retry(exc=RuntimeError(f"attempt {self.request.retries} failed"), countdown=0)
+        raise self.retry(
+            exc=RuntimeError(f"attempt {self.request.retries} failed"), countdown=countdown
+        )
     return f"succeeded after {self.request.retries} retries"
 
 
