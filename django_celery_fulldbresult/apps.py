@@ -56,3 +56,5 @@ class FullDBResultConfig(AppConfig):
         signals.worker_process_shutdown.connect(
             publish_writer.on_shutdown, dispatch_uid="fulldbresult.publish_flush_child"
         )
+        # The system checks (docs/ref/checks.rst) register themselves when imported.
+        from . import checks  # noqa: F401

@@ -10,9 +10,12 @@ from django.db.models import Case, F, Q, When
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from . import serialization
+from . import installation, serialization
 from .managers import GroupResultManager, TaskDatabaseManager, TaskResultManager
 from .states import FINAL_STATES, PENDING, SCHEDULED
+
+# A project that forgot the app gets ImproperlyConfigured naming the fix, not a RuntimeError.
+installation.require_installed()
 
 
 def _json_field(verbose_name: str, **kwargs: Any) -> models.JSONField:
