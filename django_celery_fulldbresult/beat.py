@@ -22,25 +22,44 @@ ENTRY_NAME = "django-celery-fulldbresult: send scheduled tasks"
 UNSUPPORTED_DJANGO = (6, 1)
 
 
-def unavailable(feature: str) -> str | None:
-    """Why ``feature`` cannot use django-celery-beat in this project, or None if it can."""
+def missing() -> str | None:
+    """Why django-celery-beat cannot be used in this project (a phrase), or None."""
     if apps.is_installed("django_celery_beat"):
         return None
+    if importlib.util.find_spec("django_celery_beat") is not None:
+        return "'django_celery_beat' is not in INSTALLED_APPS"
+    if django.VERSION[:2] >= UNSUPPORTED_DJANGO:
+        return (
+            "django-celery-beat is not installed: no release supports Django "
+            f"{django.get_version()} yet (django-celery-beat 2.9 declares Django<6.1)"
+        )
+    return "django-celery-beat is not installed"
+
+
+def hint(otherwise: str) -> str:
+    """What to do about a beat feature without django-celery-beat: install it, or (on a
+    Django no django-celery-beat release supports, where pip will not install it)
+    ``otherwise``."""
     if importlib.util.find_spec("django_celery_beat") is None:
         if django.VERSION[:2] >= UNSUPPORTED_DJANGO:
-            return (
-                f"{feature} needs django-celery-beat, which does not support Django "
-                f"{django.get_version()} yet (django-celery-beat 2.9 declares Django<6.1). "
-                "Forward delayed tasks with manage.py run_scheduler instead."
-            )
+            return f"{otherwise[:1].upper()}{otherwise[1:]}: no django-celery-beat runs here."
         return (
-            f"{feature} needs django-celery-beat: pip install "
-            "'django-celery-fulldbresult[beat]', add 'django_celery_beat' to INSTALLED_APPS "
-            "and migrate (or forward delayed tasks without beat: manage.py run_scheduler)."
+            "pip install 'django-celery-fulldbresult[beat]', add 'django_celery_beat' to "
+            f"INSTALLED_APPS and run `python manage.py migrate`; or {otherwise}."
         )
     return (
-        f"{feature} needs 'django_celery_beat' in INSTALLED_APPS (it is installed), then "
-        "manage.py migrate."
+        "Add 'django_celery_beat' to INSTALLED_APPS and run `python manage.py migrate`; "
+        f"or {otherwise}."
+    )
+
+
+def unavailable(feature: str) -> str | None:
+    """Why ``feature`` cannot use django-celery-beat in this project, and what to do, or None."""
+    reason = missing()
+    if reason is None:
+        return None
+    return f"{feature} needs django-celery-beat, but {reason}. " + hint(
+        "forward delayed tasks without beat: `python manage.py run_scheduler`"
     )
 
 

@@ -59,37 +59,6 @@ def _uses_beat_database_scheduler(celery_conf: Any) -> bool:
     return (name or "").startswith("django_celery_beat")
 
 
-def beat_missing() -> str | None:
-    """Why django-celery-beat cannot be used in this project (a phrase), or None."""
-    if apps.is_installed("django_celery_beat"):
-        return None
-    if importlib.util.find_spec("django_celery_beat") is not None:
-        return "'django_celery_beat' is not in INSTALLED_APPS"
-    if django.VERSION[:2] >= beat.UNSUPPORTED_DJANGO:
-        return (
-            "django-celery-beat is not installed: no release supports Django "
-            f"{django.get_version()} yet (django-celery-beat 2.9 declares Django<6.1)"
-        )
-    return "django-celery-beat is not installed"
-
-
-def _beat_hint(otherwise: str) -> str:
-    """What to do about a beat feature without django-celery-beat: install it, or (on a
-    Django no django-celery-beat release supports, where pip will not install it) not use
-    the feature."""
-    if importlib.util.find_spec("django_celery_beat") is None:
-        if django.VERSION[:2] >= beat.UNSUPPORTED_DJANGO:
-            return f"{otherwise[:1].upper()}{otherwise[1:]}: no django-celery-beat runs here."
-        return (
-            "pip install 'django-celery-fulldbresult[beat]', add 'django_celery_beat' to "
-            f"INSTALLED_APPS and run `python manage.py migrate`; or {otherwise}."
-        )
-    return (
-        "Add 'django_celery_beat' to INSTALLED_APPS and run `python manage.py migrate`; "
-        f"or {otherwise}."
-    )
-
-
 # -- settings -----------------------------------------------------------------------------
 
 
@@ -99,14 +68,14 @@ def check_beat_features(app_configs: Any = None, **kwargs: Any) -> list:
     supports."""
     errors: list = []
     celery_conf = current_app.conf
-    missing = beat_missing()
+    missing = beat.missing()
     if missing and scheduler_enabled() and _uses_beat_database_scheduler(celery_conf):
         errors.append(
             Error(
                 f"CELERY_BEAT_SCHEDULER is django-celery-beat's ({celery_conf.beat_scheduler!r}) "
                 f"but {missing}: celery beat cannot start, so {beat.SENDER_TASK} never "
                 "forwards the delayed tasks the database holds.",
-                hint=_beat_hint(
+                hint=beat.hint(
                     "remove CELERY_BEAT_SCHEDULER and forward delayed tasks with "
                     "`python manage.py run_scheduler`"
                 ),
@@ -118,7 +87,7 @@ def check_beat_features(app_configs: Any = None, **kwargs: Any) -> list:
             Warning(
                 f"{_setting('OVERRIDE_BEAT_ADMIN')} is set but {missing}: the periodic "
                 "tasks' admin with Run now is not installed, the setting does nothing.",
-                hint=_beat_hint(f"remove {_setting('OVERRIDE_BEAT_ADMIN')}"),
+                hint=beat.hint(f"remove {_setting('OVERRIDE_BEAT_ADMIN')}"),
                 id=_id("W003"),
             )
         )
