@@ -57,7 +57,13 @@ REFUSALS = {
         "its link, chain or chord holds a secret task, whose arguments are not stored"
     ),
     "unencodable": "its arguments could not be stored",
+    "imported": (
+        "it was imported from django-celery-results, which keeps only a repr of the arguments"
+    ),
 }
+
+#: ``options["imported_from"]`` of a row imported from another result backend.
+IMPORTED_KEY = "imported_from"
 
 
 def secret_headers() -> dict[str, Any]:
@@ -235,6 +241,8 @@ def refusal(row: Any) -> str:
     headers = options.get("headers") if isinstance(options.get("headers"), Mapping) else None
     if is_secret(row.task, None, headers):
         return REFUSALS["secret"]
+    if options.get(IMPORTED_KEY):
+        return REFUSALS["imported"]
     if holds_hidden(options):
         return REFUSALS["secret-callback"]
     if row.argsrepr and row.argsrepr.startswith("<") and row.argsrepr.endswith(" hidden>"):
