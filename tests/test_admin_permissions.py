@@ -19,7 +19,6 @@ from django_celery_fulldbresult import SCHEDULED, admin_actions
 from django_celery_fulldbresult.models import TaskResultMeta
 
 from .beat_support import needs_beat
-
 from .test_admin import ACTIONS, HELD, client_for, grant, held_messages, make_row, staff  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -3,10 +3,10 @@ from __future__ import annotations
 from typing import Any
 
 from celery import current_app
-from django.core.management.base import BaseCommand
 from django.db.models import F
 
 from django_celery_fulldbresult import scheduler
+from django_celery_fulldbresult.management.base import DocumentedCommand
 from django_celery_fulldbresult.management.delta import (
     ROW_FIELDS,
     add_delta_arguments,
@@ -16,7 +16,7 @@ from django_celery_fulldbresult.management.delta import (
 from django_celery_fulldbresult.models import TaskResultMeta
 
 
-class Command(BaseCommand):
+class Command(DocumentedCommand):
     help = (
         "List scheduled tasks a sender claimed but never recorded as sent (the sender "
         "crashed): they may or may not have been sent. --resend sends them again."

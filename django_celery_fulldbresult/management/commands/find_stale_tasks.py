@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand
 from django.db.models import Case, F, When
 
+from django_celery_fulldbresult.management.base import DocumentedCommand
 from django_celery_fulldbresult.management.delta import (
     ROW_FIELDS,
     add_delta_arguments,
@@ -16,7 +16,7 @@ from django_celery_fulldbresult.models import TaskResultMeta
 from django_celery_fulldbresult.states import SCHEDULED
 
 
-class Command(BaseCommand):
+class Command(DocumentedCommand):
     help = (
         "List tasks that should have finished by now: not SUCCESS/FAILURE/REVOKED, with no "
         "state change for the given time (STARTED: and their worker is gone; SCHEDULED: "

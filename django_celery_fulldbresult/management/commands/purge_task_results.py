@@ -3,10 +3,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils import timezone
 
 from django_celery_fulldbresult import conf, retention
+from django_celery_fulldbresult.management.base import DocumentedCommand
 from django_celery_fulldbresult.management.delta import add_delta_arguments, delta_from_options
 from django_celery_fulldbresult.models import TaskResultMeta
 
@@ -15,7 +16,7 @@ def _breakdown(counts: dict[str, int]) -> str:
     return ", ".join(f"{state} {n:,}" for state, n in counts.items()) or "nothing"
 
 
-class Command(BaseCommand):
+class Command(DocumentedCommand):
     help = (
         "Delete task results older than the given age, in batches. By default only final "
         "states (SUCCESS, FAILURE, REVOKED); scheduled and unfinished rows only with "

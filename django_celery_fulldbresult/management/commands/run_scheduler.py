@@ -5,12 +5,13 @@ import threading
 from typing import Any
 
 from celery import current_app
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from django_celery_fulldbresult import conf, scheduler
+from django_celery_fulldbresult.management.base import DocumentedCommand
 
 
-class Command(BaseCommand):
+class Command(DocumentedCommand):
     help = (
         "Forward due scheduled tasks to the broker, continuously. Wakes at the next eta "
         "(at most --interval seconds apart). Any number may run at once, with beat too. "

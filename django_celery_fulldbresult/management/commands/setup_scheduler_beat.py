@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from django_celery_fulldbresult import beat
+from django_celery_fulldbresult.management.base import DocumentedCommand
 
 
-class Command(BaseCommand):
+class Command(DocumentedCommand):
     help = (
         "Create or update the django-celery-beat periodic task that runs "
         "django_celery_fulldbresult.tasks.send_scheduled_task."

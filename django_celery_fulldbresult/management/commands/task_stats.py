@@ -4,9 +4,10 @@ import json
 from datetime import timedelta
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from django_celery_fulldbresult import prometheus
+from django_celery_fulldbresult.management.base import DocumentedCommand
 from django_celery_fulldbresult.management.delta import add_delta_arguments, delta_from_options
 from django_celery_fulldbresult.models import TaskResultMeta
 
@@ -73,7 +74,7 @@ def render_text(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-class Command(BaseCommand):
+class Command(DocumentedCommand):
     help = (
         "Print task counts per state and task name, failure rate, run-time percentiles, stale "
         "counts and the scheduled backlog for a time window (default: the last 24 hours)."
