@@ -415,11 +415,24 @@ def test_default_database_isolation_level_of_this_stack():
 # -- W006: every result ignored, with publish tracking -------------------------------------
 
 
-def test_publish_tracking_with_every_result_ignored(settings):
-    settings.CELERY_TASK_IGNORE_RESULT = True
-    assert ours() == ["django_celery_fulldbresult.W006"]
-    settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = False
-    assert ours() == []
+def test_publish_tracking_with_every_result_ignored(settings, celery_app):
+    # On the Celery app's configuration (where CELERY_TASK_IGNORE_RESULT ends up): a test
+    # that set it there earlier would otherwise hide a change of the Django setting.
+    changes = celery_app.conf.changes
+    before = changes.get("task_ignore_result", KeyError)
+    celery_app.conf.task_ignore_result = True
+    try:
+        assert ours() == ["django_celery_fulldbresult.W006"]
+        settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = False
+        assert ours() == []
+        settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = True
+        celery_app.conf.task_ignore_result = False
+        assert ours() == []
+    finally:
+        if before is KeyError:
+            changes.pop("task_ignore_result", None)
+        else:
+            changes["task_ignore_result"] = before
 
 
 @pytest.mark.django_db(transaction=True)
