@@ -398,7 +398,10 @@ def show_scheduler(processes: list[Process]) -> None:
                 f"{describe(row)}",
                 flush=True,
             )
-        return all(r.ready() for r in watched) and dj_timezone.now() > checked_after
+        # Done from the rows just printed (not another read, which could see a final state
+        # this pass did not print).
+        finished = all(last.get(r.id, ("",))[0] in states.READY_STATES for r in watched)
+        return finished and dj_timezone.now() > checked_after
 
     wait_for(changed, TASK_TIMEOUT, "the delayed tasks to run", processes, interval=0.02)
 
