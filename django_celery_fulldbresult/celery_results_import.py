@@ -35,7 +35,7 @@ from celery import states
 from celery.result import result_from_tuple
 from celery.utils.saferepr import saferepr
 from django.apps import apps
-from django.db import DatabaseError, connections, router, transaction
+from django.db import DatabaseError, connections, router
 from django.db.models import Max, Min
 from django.utils import timezone
 from kombu.exceptions import ContentDisallowed, DecodeError
@@ -54,8 +54,6 @@ META_KEY = "django_celery_results"
 HIDDEN = "<arguments hidden>"
 #: Task ids looked up per statement (within every database's limit on parameters).
 LOOKUP_CHUNK = 500
-#: Rows per INSERT statement (PostgreSQL, SQLite): a SQL text psycopg keeps parsed.
-ROWS_PER_STATEMENT = 20
 
 
 class SourceUnavailable(Exception):
@@ -367,47 +365,7 @@ def _present(task_ids: list[str], using: str) -> dict[str, str]:
 def _insert(model: type, rows: list) -> None:
     """One transaction: ``rows`` inserted, those whose unique key exists skipped."""
     if rows:
-        db.run_with_reconnect(partial(insert_absent, model, rows))
-
-
-def insert_absent(model: type, rows: list, using: str) -> None:
-    """Insert model instances, skipping those a unique constraint already holds, in one
-    transaction: ``INSERT IGNORE`` through ``executemany`` on MySQL (MySQLdb sends it as
-    multi-row statements), elsewhere ``ON CONFLICT DO NOTHING`` statements of
-    ``ROWS_PER_STATEMENT`` rows each, pipelined by psycopg's ``executemany``. (``bulk_create``
-    builds a new SQL text per statement, which costs more than the database's work here.)"""
-    connection = connections[using]
-    quote = connection.ops.quote_name
-    fields = [
-        f
-        for f in model._meta.local_concrete_fields
-        if not f.primary_key
-        and (not f.null or any(getattr(row, f.attname) is not None for row in rows))
-    ]  # the columns no row sets are left to be NULL
-    columns = ", ".join(quote(f.column) for f in fields)
-    one = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    table = quote(model._meta.db_table)
-    params = [
-        [f.get_db_prep_save(getattr(row, f.attname), connection=connection) for f in fields]
-        for row in rows
-    ]
-    with transaction.atomic(using=using), connection.cursor() as cursor:
-        if connection.vendor == "mysql":
-            cursor.executemany(f"INSERT IGNORE INTO {table} ({columns}) VALUES {one}", params)
-            return
-        limit = connection.features.max_query_params or len(fields) * ROWS_PER_STATEMENT
-        per = max(1, min(ROWS_PER_STATEMENT, limit // len(fields)))
-
-        def statement(count: int) -> str:
-            values = ", ".join([one] * count)
-            return f"INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT DO NOTHING"
-
-        chunks = [sum(params[i : i + per], []) for i in range(0, len(params), per)]
-        rest = chunks.pop() if len(chunks[-1]) < per * len(fields) else None
-        if chunks:
-            cursor.executemany(statement(per), chunks)
-        if rest:
-            cursor.execute(statement(len(rest) // len(fields)), rest)
+        db.run_with_reconnect(partial(db.insert_all_absent, model, rows))
 
 
 def batches(queryset: Any, after: int | None, size: int) -> Iterator[list]:

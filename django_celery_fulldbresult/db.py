@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from django.conf import settings
 from django.core import mail
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DatabaseError, InterfaceError, OperationalError, connections
+from django.db import DatabaseError, InterfaceError, OperationalError, connections, transaction
 from django.db.models.functions import Now
 from django.utils.connection import ConnectionDoesNotExist
 
@@ -154,26 +154,64 @@ def upsert(model, using: str, objs: list, unique_fields: list[str], update_field
     )
 
 
-def insert_if_absent(model, using: str, values: dict[str, Any]) -> bool:
-    """Insert one row unless a unique constraint already holds it; True when inserted.
-
-    One statement: ``ON CONFLICT DO NOTHING`` (PostgreSQL, SQLite), ``INSERT IGNORE``
-    (MySQL, whose ``ON DUPLICATE KEY UPDATE`` counts a no-op update as a row found).
-    """
-    connection = connections[using]
+def insert_absent_sql(connection: Any, model: Any, fields: list, rows: int = 1) -> str:
+    """An INSERT of ``rows`` rows of ``fields`` that skips those a unique constraint already
+    holds: ``INSERT IGNORE`` (MySQL, whose ``ON DUPLICATE KEY UPDATE`` counts a no-op update
+    as a row found), ``ON CONFLICT DO NOTHING`` elsewhere."""
     quote = connection.ops.quote_name
-    fields = [model._meta.get_field(name) for name in values]
     columns = ", ".join(quote(field.column) for field in fields)
-    holders = ", ".join(["%s"] * len(fields))
-    params = [field.get_db_prep_save(values[field.name], connection=connection) for field in fields]
+    values = ", ".join(["(" + ", ".join(["%s"] * len(fields)) + ")"] * rows)
     table = quote(model._meta.db_table)
     if connection.vendor == "mysql":
-        sql = f"INSERT IGNORE INTO {table} ({columns}) VALUES ({holders})"
-    else:
-        sql = f"INSERT INTO {table} ({columns}) VALUES ({holders}) ON CONFLICT DO NOTHING"
+        return f"INSERT IGNORE INTO {table} ({columns}) VALUES {values}"
+    return f"INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT DO NOTHING"
+
+
+def insert_if_absent(model, using: str, values: dict[str, Any]) -> bool:
+    """Insert one row unless a unique constraint already holds it; True when inserted."""
+    connection = connections[using]
+    fields = [model._meta.get_field(name) for name in values]
+    params = [field.get_db_prep_save(values[field.name], connection=connection) for field in fields]
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(insert_absent_sql(connection, model, fields), params)
         return cursor.rowcount == 1
+
+
+#: Rows per INSERT statement of ``insert_all_absent`` (PostgreSQL, SQLite): one SQL text,
+#: which psycopg keeps parsed, for every full statement.
+ROWS_PER_INSERT = 20
+
+
+def insert_all_absent(model: Any, objs: list, using: str) -> None:
+    """Insert model instances, skipping those a unique constraint already holds, in one
+    transaction: through ``executemany`` of one row on MySQL (MySQLdb sends it as multi-row
+    statements), elsewhere statements of ``ROWS_PER_INSERT`` rows each, pipelined by
+    psycopg's ``executemany``. (``bulk_create`` builds a new SQL text per statement, which
+    costs more than the database's work here.) Columns no instance sets are left NULL."""
+    connection = connections[using]
+    fields = [
+        f
+        for f in model._meta.local_concrete_fields
+        if not f.primary_key
+        and (not f.null or any(getattr(obj, f.attname) is not None for obj in objs))
+    ]
+    params = [
+        [f.get_db_prep_save(getattr(obj, f.attname), connection=connection) for f in fields]
+        for obj in objs
+    ]
+    with transaction.atomic(using=using), connection.cursor() as cursor:
+        if connection.vendor == "mysql":
+            cursor.executemany(insert_absent_sql(connection, model, fields), params)
+            return
+        limit = connection.features.max_query_params or len(fields) * ROWS_PER_INSERT
+        per = max(1, min(ROWS_PER_INSERT, limit // len(fields)))
+        chunks = [sum(params[i : i + per], []) for i in range(0, len(params), per)]
+        rest = chunks.pop() if len(chunks[-1]) < per * len(fields) else None
+        if chunks:
+            cursor.executemany(insert_absent_sql(connection, model, fields, per), chunks)
+        if rest:
+            last = insert_absent_sql(connection, model, fields, len(rest) // len(fields))
+            cursor.execute(last, rest)
 
 
 def compiled_where(queryset) -> tuple[str, list]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import sys
 import uuid
+from functools import partial
 
 import pytest
 from celery import Celery, states
@@ -21,7 +22,7 @@ from django_celery_results.models import GroupResult as SourceGroup
 from django_celery_results.models import TaskResult as SourceTask
 from kombu.exceptions import ContentDisallowed
 
-from django_celery_fulldbresult import celery_results_import, secrecy
+from django_celery_fulldbresult import celery_results_import, db, secrecy
 from django_celery_fulldbresult.models import GroupResultMeta, TaskResultMeta
 from django_celery_fulldbresult.result_backends import DatabaseResultBackend
 from testproject.demo import tasks
@@ -177,6 +178,31 @@ def test_idempotent_and_never_overwrites_ours(celery_app):
             old.date_done,
             old.meta,
         )
+
+
+def test_a_row_our_backend_writes_while_a_batch_is_converted_is_kept(celery_app):
+    """The switch-over's second import runs while workers store through our backend: a task
+    id absent when the batch looked may be there when the batch is written. The insert
+    skips it (never an error, never an overwrite) and writes the rest."""
+    backend = source_backend()
+    ids = [store(backend, result=i) for i in range(3)]
+    app = celery_app
+    converter = celery_results_import.Converter(app, celery_results_import.result_accept(app))
+    converted = [converter.task(row)[0] for row in SourceTask.objects.filter(task_id__in=ids)]
+    DatabaseResultBackend(app=celery_app).store_result(ids[1], 42, states.SUCCESS)  # meanwhile
+    before = ours(ids[1])
+
+    db.run_with_reconnect(partial(db.insert_all_absent, TaskResultMeta, converted))
+
+    assert TaskResultMeta.objects.filter(task_id__in=ids).count() == 3
+    after = ours(ids[1])
+    assert (after.pk, after.result, after.meta, after.replayable) == (
+        before.pk,
+        before.result,
+        before.meta,
+        before.replayable,
+    )
+    assert ours(ids[0]).options == {secrecy.IMPORTED_KEY: "django-celery-results"}
 
 
 def test_an_interrupted_import_continues_where_it_stopped():
