@@ -15,7 +15,7 @@ class FullDBResultConfig(AppConfig):
         from celery import signals
         from django.core.signals import request_finished
 
-        from . import conf, db, heartbeat, publish, publish_writer, scheduler
+        from . import conf, db, heartbeat, publish, publish_writer, receipt, scheduler
 
         db.install_fork_handler()
         if conf.get("SCHEDULE_ETA") or conf.get("MONKEY_PATCH_ASYNC"):
@@ -29,9 +29,9 @@ class FullDBResultConfig(AppConfig):
                     "MONKEY_PATCH_ASYNC: no Celery app using this result backend was current "
                     "when Django started; call django_celery_fulldbresult.scheduler.install(app)"
                 )
-        signals.task_received.connect(
-            scheduler.revoke.on_task_received, dispatch_uid="fulldbresult.revoked_in_flight"
-        )
+        # Forwarded messages (and every message with RUN_ONCE): the attempt is taken before
+        # it runs, so copies do not run and revoked rows stay revoked (receipt.py).
+        signals.task_received.connect(receipt.on_task_received, dispatch_uid="fulldbresult.receipt")
         # Receivers stay connected; each checks its setting on every call so
         # override_settings can switch the features on and off.
         signals.before_task_publish.connect(

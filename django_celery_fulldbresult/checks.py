@@ -22,6 +22,7 @@ from celery import current_app
 from django.apps import apps
 from django.conf import settings
 from django.core.checks import Error, Info, Tags, Warning, register
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connections, router
 from django.db.migrations.executor import MigrationExecutor
 from django.db.models import Count, Min
@@ -209,6 +210,45 @@ def check_ignored_results_with_publish_tracking(app_configs: Any = None, **kwarg
                 f"whose results you do not need), or remove {_setting('TRACK_PUBLISH')}."
             ),
             id=_id("W006"),
+        )
+    ]
+
+
+@register(TAG)
+def check_recovery_policies(app_configs: Any = None, **kwargs: Any) -> list:
+    """E002: ``RECOVER`` is not (pattern, policy) pairs of known policies."""
+    from . import recovery
+
+    try:
+        recovery.policy_rules()
+    except ImproperlyConfigured as exc:
+        return [
+            Error(
+                str(exc),
+                hint=f"Policies: {', '.join(recovery.POLICIES)} (docs/ref/settings.rst).",
+                id=_id("E002"),
+            )
+        ]
+    return []
+
+
+@register(TAG)
+def check_transactional_publish(app_configs: Any = None, **kwargs: Any) -> list:
+    """W007: transactional publish without the scheduler, which holds and forwards its rows."""
+    if not conf.get("TRANSACTIONAL_PUBLISH") or conf.get("SCHEDULE_ETA"):
+        return []
+    return [
+        Warning(
+            f"{_setting('TRANSACTIONAL_PUBLISH')} is on but {_setting('SCHEDULE_ETA')} is off: "
+            "no call is held until its transaction commits (tasks sent inside atomic() are "
+            "published at once and a rollback does not take them back).",
+            hint=(
+                f"Set {_setting('SCHEDULE_ETA')} = True (and {_setting('MONKEY_PATCH_ASYNC')} "
+                "= True, or the ScheduledTask base class), and run `manage.py run_scheduler` "
+                "or the send_scheduled_task beat entry, which forwards what a process that "
+                "died after its commit did not publish."
+            ),
+            id=_id("W007"),
         )
     ]
 

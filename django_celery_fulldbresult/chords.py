@@ -19,14 +19,20 @@ The protocol (docs/design.md, "Chords"), one function per step:
 from __future__ import annotations
 
 import enum
+import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
+from celery.app.task import Context
 from django.db import transaction
 from django.utils import timezone
 
 from . import db
 from .models import ChordCounter, ChordPart, GroupResultMeta
+
+logger = logging.getLogger(__name__)
 
 #: A claim not renewed for this long may be taken over by a later copy of a part (its
 #: holder is presumed dead). Well above the default join timeout plus a publish.
@@ -160,3 +166,30 @@ def expire(cutoff: datetime, using: str) -> int:
     """Delete finished chords done before ``cutoff``; running chords are never expired."""
     deleted, _ = ChordCounter.objects.using(using).finished_before(cutoff).delete()
     return deleted
+
+
+def report_ended_parts(
+    app: Any, rows: Iterable[Mapping[str, Any]], state: str, error: BaseException
+) -> None:
+    """What a worker does for a header part that ended without running to its end (revoked
+    before it ran, its worker lost): report it to its chord, which then fails with ``error``
+    and calls its errbacks (as ``backend.mark_as_revoked`` / ``mark_as_failure`` do).
+
+    ``rows``: dicts of the ended rows' ``task_id``, ``group_id`` and ``options``; rows that
+    are no chord header part are skipped.
+    """
+    for row in rows:
+        options = row.get("options") or {}
+        if not row.get("group_id") or not options.get("chord"):
+            continue
+        request = Context(
+            id=row["task_id"],
+            group=row["group_id"],
+            group_index=options.get("group_index"),
+            chord=options["chord"],
+            delivery_info={},
+        )
+        try:
+            app.backend.on_chord_part_return(request, state, error)
+        except Exception:  # noqa: BLE001 - the row has ended whatever the chord does
+            logger.exception("chord of the %s task %s could not be told", state, row["task_id"])

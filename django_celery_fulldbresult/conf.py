@@ -59,6 +59,13 @@ DEFAULTS: dict[str, Any] = {
     "SCHEDULE_EXCLUDE": (),
     # Delays shorter than this many seconds stay in the broker.
     "SCHEDULE_MIN_DELAY": 0.0,
+    # Transactional publish (outbox; needs SCHEDULE_ETA and the interception): a call made
+    # inside transaction.atomic() on the task database is written in that transaction and
+    # published after commit (scheduler/outbox.py). Per call: db_schedule="transaction" / True.
+    "TRANSACTIONAL_PUBLISH": False,
+    # ... its row is due this many seconds after the call: the on-commit hook publishes it
+    # at once; a sender forwards it only if the hook never ran (the process died).
+    "TRANSACTIONAL_PUBLISH_GRACE": 5.0,
     # Rows claimed and published per sender batch.
     "SCHEDULER_BATCH_SIZE": 500,
     # Longest sleep of run_scheduler between two polls, in seconds.
@@ -69,6 +76,22 @@ DEFAULTS: dict[str, Any] = {
     "SCHEDULER_CONFIRM_WINDOW": 100,
     # Seconds to wait for the broker's confirms before leaving the rows claimed (reported).
     "SCHEDULER_CONFIRM_TIMEOUT": 30.0,
+    # Seconds after which the claims of a sender that stopped renewing them (it died) are
+    # taken back and forwarded again by any running sender; 0: never (an operator resends).
+    # A live sender renews its claims every quarter of this.
+    "SCHEDULER_RECLAIM_AFTER": 300.0,
+    # Recovering the task of a lost worker (recovery.py): "resend", "fail" or "report" per
+    # task name, as (fnmatch pattern, policy) pairs or a dict, first match wins; a task's own
+    # ``recover`` attribute comes first; tasks matching none: "report".
+    "RECOVER": (),
+    # Seconds a RECEIVED/STARTED task of a gone worker waits before a running sender
+    # (run_scheduler) applies its policy; 0: never (find_stale_tasks --resend/--mark-failed).
+    "RECOVER_AFTER": 300.0,
+    # Every task attempt (task id + retries) runs at most once while its worker lives: a
+    # worker takes it in the row when it receives the message (receipt.py); copies of a
+    # message (Redis/SQS visibility timeout, a duplicated publish) are acknowledged and not
+    # run, and a REVOKED row is never run. Forwarded tasks always get this check.
+    "RUN_ONCE": False,
     # Admin (issue 4).
     "OVERRIDE_BEAT_ADMIN": False,
 }

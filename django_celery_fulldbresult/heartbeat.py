@@ -1,4 +1,4 @@
-"""Worker heartbeats: a STARTED task is stale only when its worker is gone.
+"""Worker heartbeats: a task a worker took (RECEIVED, STARTED) is its own while it lives.
 
 The worker's main process upserts one row per worker every
 ``DJANGO_CELERY_FULLDBRESULT_WORKER_HEARTBEAT`` seconds from a daemon thread
@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from typing import Any
 
-from django.db.models import QuerySet
+from django.conf import settings
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from . import conf, db
@@ -22,33 +25,64 @@ from . import conf, db
 logger = logging.getLogger(__name__)
 
 
+#: When this process started (imported this module, before any message was consumed).
+_STARTED = time.time()
+
+
+def process_started() -> datetime:
+    started = datetime.fromtimestamp(_STARTED, tz=dt_timezone.utc)
+    return started if settings.USE_TZ else timezone.make_naive(started)
+
+
 def interval() -> float:
     return float(conf.get("WORKER_HEARTBEAT") or 0)
 
 
-def live_hostnames(now: datetime | None = None, using: str | None = None) -> QuerySet | None:
-    """A subquery of the hostnames of live workers, or None when heartbeats are off."""
-    from .models import WorkerHeartbeat
-
+def window() -> timedelta | None:
+    """How old a live worker's last heartbeat may be (None: heartbeats off)."""
     seconds = interval()
     if seconds <= 0:
         return None
-    now = now or timezone.now()
-    cutoff = now - timedelta(seconds=seconds * float(conf.get("WORKER_HEARTBEAT_GRACE")))
-    return WorkerHeartbeat.objects.using(using).filter(last_seen__gte=cutoff).values("hostname")
+    return timedelta(seconds=seconds * float(conf.get("WORKER_HEARTBEAT_GRACE")))
 
 
-def beat(hostname: str) -> None:
-    """Record that ``hostname`` is alive (one upsert)."""
+def runner_alive(now: datetime | None = None, using: str | None = None) -> Exists | None:
+    """A condition on task rows: the worker that took the row is alive.
+
+    Its heartbeat is fresh, and the row was taken (``date_modified``: every write of a
+    running task is the worker's own) after that worker started: a worker restarted under
+    the same name did not take the rows its former self held. None when heartbeats are off.
+    """
+    from .models import WorkerHeartbeat
+
+    gone_after = window()
+    if gone_after is None:
+        return None
+    cutoff = (now or timezone.now()) - gone_after
+    return Exists(
+        WorkerHeartbeat.objects.using(using).filter(
+            Q(started__isnull=True) | Q(started__lte=OuterRef("date_modified")),
+            hostname=OuterRef("hostname"),
+            last_seen__gte=cutoff,
+        )
+    )
+
+
+def beat(hostname: str, started: datetime | None = None) -> None:
+    """Record that ``hostname`` (started at ``started``) is alive (one upsert)."""
     from .models import WorkerHeartbeat
 
     def write(using: str) -> None:
         db.upsert(
             WorkerHeartbeat,
             using,
-            [WorkerHeartbeat(hostname=hostname, pid=os.getpid(), last_seen=timezone.now())],
+            [
+                WorkerHeartbeat(
+                    hostname=hostname, pid=os.getpid(), last_seen=timezone.now(), started=started
+                )
+            ],
             unique_fields=["hostname"],
-            update_fields=["pid", "last_seen"],
+            update_fields=["pid", "last_seen", "started"],
         )
 
     db.run_with_reconnect(write)
@@ -67,12 +101,13 @@ class HeartbeatThread(threading.Thread):
         super().__init__(name=f"fulldbresult-heartbeat-{hostname}", daemon=True)
         self.hostname = hostname
         self.seconds = seconds
+        self.started = process_started()
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while True:
             try:
-                beat(self.hostname)
+                beat(self.hostname, self.started)
             except Exception:  # noqa: BLE001 - a missed beat must not kill the thread
                 logger.warning("worker heartbeat failed", exc_info=True)
             db.on_statement_thread(lambda: db.recycle(between_tasks=True))  # CONN_MAX_AGE

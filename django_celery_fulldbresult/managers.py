@@ -19,9 +19,20 @@ from django.db import connections, models
 from django.db.models import Q
 from django.utils import timezone
 
-from . import conf
+from . import conf, heartbeat
 from .db import DatabaseNow
-from .states import FINAL_STATES, SCHEDULED, SCHEDULED_SENT, STARTED, SUCCESS
+from .states import (
+    ENDED_STATES,
+    FAILURE,
+    FINAL_STATES,
+    RECEIVED,
+    REVOKED,
+    SCHEDULED,
+    SCHEDULED_SENT,
+    STARTED,
+    SUCCESS,
+    UNRECEIVED_STATES,
+)
 
 # How a column of an incoming write combines with the stored row.
 STATE = "state"  # replaced when the write wins precedence
@@ -68,6 +79,8 @@ COLUMN_POLICY: dict[str, str] = {
 JSON_COLUMNS = frozenset({"args", "kwargs", "options", "meta"})
 #: Written by every INSERT even when the writer does not know them (field defaults).
 NOT_NULL_COLUMNS = frozenset({"task", "replayable"})
+#: The states of a task a worker holds: recovered when that worker is gone.
+LOST_STATES = (RECEIVED, STARTED)
 _FINALS_SQL = ", ".join(f"'{state}'" for state in sorted(FINAL_STATES))
 
 
@@ -83,25 +96,64 @@ class TaskResultQuerySet(models.QuerySet):
         A row is stale when it is not final, not in ``acceptable_states``, and:
 
         * SCHEDULED: its eta passed more than ``max_duration`` ago (it was never forwarded);
-        * STARTED: it started more than ``max_duration`` ago and its worker sends no
-          heartbeat (a live worker running a long task is not stale);
-        * any other state (PENDING, RECEIVED, RETRY, SCHEDULED_SENT, custom): its last
-          state change is older than ``max_duration``.
+        * RECEIVED, STARTED: taken or started more than ``max_duration`` ago and the worker
+          that took it is gone (``heartbeat.runner_alive``: a live worker running a long
+          task, or holding a message until its eta, is not stale);
+        * any other state (PENDING, RETRY, SCHEDULED_SENT, custom): its last state change
+          is older than ``max_duration``.
 
         SUCCESS, FAILURE and REVOKED are never stale.
         """
-        from . import heartbeat
-
         now = now or timezone.now()
         cutoff = now - (max_duration or timedelta(0))
         excluded = set(FINAL_STATES) | set(acceptable_states or ())
         by_age = Q(date_modified__lte=cutoff) & ~Q(status=SCHEDULED)
         overdue = Q(status=SCHEDULED, eta__lte=cutoff)
         qs = self.exclude(status__in=sorted(excluded)).filter(by_age | overdue)
-        live = heartbeat.live_hostnames(now=now, using=self.db)
-        if live is not None:
-            qs = qs.exclude(status=STARTED, hostname__in=live)
+        alive = heartbeat.runner_alive(now=now, using=self.db)
+        if alive is not None:
+            qs = qs.exclude(Q(status__in=[RECEIVED, STARTED]) & alive)
         return qs
+
+    # -- a worker's receipt claim (``receipt``): each attempt of a task runs once.
+
+    def takeable(self, retries: int, now: datetime | None = None) -> TaskResultQuerySet:
+        """Rows a worker receiving attempt ``retries`` of their task may run.
+
+        * a newer attempt than the row's, unless the row is SUCCESS or REVOKED (final for
+          every attempt);
+        * this attempt, not yet taken by a worker (PENDING, SCHEDULED, SCHEDULED_SENT);
+        * this attempt, taken or running (RECEIVED, STARTED, custom states) by a worker
+          that is gone (``heartbeat.runner_alive``); with heartbeats off, never.
+
+        Not: an older attempt, an attempt that ended (SUCCESS, FAILURE, REVOKED, RETRY), an
+        attempt a live worker holds.
+        """
+        newer = Q(retries__lt=retries) & ~Q(status__in=[SUCCESS, REVOKED])
+        unreceived = Q(retries=retries, status__in=sorted(UNRECEIVED_STATES))
+        takeable = newer | unreceived
+        alive = heartbeat.runner_alive(now=now, using=self.db)
+        if alive is not None:
+            held = sorted(ENDED_STATES | UNRECEIVED_STATES)
+            takeable |= Q(retries=retries) & ~Q(status__in=held) & ~alive
+        return self.filter(takeable)
+
+    def take(self, retries: int, hostname: str) -> int:
+        """A worker takes attempt ``retries`` (on ``takeable`` rows): RECEIVED, its own."""
+        return self.update(**self.taken_columns(retries, hostname))
+
+    @staticmethod
+    def taken_columns(retries: int, hostname: str, now: datetime | None = None) -> dict:
+        """What ``take`` writes (``receipt`` compiles the same statement once)."""
+        return {
+            "status": RECEIVED,
+            "hostname": hostname,
+            "retries": retries,
+            "date_modified": now or timezone.now(),
+            "date_done": None,
+            "scheduled_id": None,
+            "date_claimed": None,
+        }
 
     def get_stale_scheduled_tasks(
         self, max_duration: timedelta | None = None, now: datetime | None = None
@@ -150,9 +202,22 @@ class TaskResultQuerySet(models.QuerySet):
         """Due, unclaimed and expired: revoked instead of sent."""
         return self.scheduled().unclaimed().due().expired()
 
+    def lease_expired(self, lease: timedelta, now: datetime | None = None) -> TaskResultQuerySet:
+        """Claims their sender stopped renewing for ``lease``: it is gone (killed, lost).
+
+        A live sender renews the claims it holds every quarter of the lease (``renew``), so
+        a slow sender keeps them; the partial index ``fdr_claimed_idx`` serves this query.
+        """
+        cutoff = (now or timezone.now()) - lease
+        return self.scheduled().claimed().filter(date_claimed__lt=cutoff)
+
     def claim(self, token: Any) -> int:
         """Take these rows for a sender (callers select only unclaimed rows)."""
         return self.update(scheduled_id=token, date_claimed=timezone.now())
+
+    def renew(self) -> int:
+        """A live sender still holds these claims: their lease starts again."""
+        return self.update(date_claimed=timezone.now())
 
     def release(self) -> int:
         """Give claimed rows back: a later pass sends them."""
@@ -161,6 +226,58 @@ class TaskResultQuerySet(models.QuerySet):
     def mark_sent(self) -> int:
         """The broker has them; the worker's states follow."""
         return self.update(status=SCHEDULED_SENT, date_modified=timezone.now())
+
+    # -- recovering the tasks of a lost worker (recovery.py, docs/design.md section 5).
+    # ``recoverable`` is the rule and also the guard of both transitions: recovery re-applies
+    # it in the UPDATE itself, so a row another recoverer (or a worker) moved on is left.
+
+    def recoverable(
+        self,
+        max_age: timedelta,
+        acceptable_states: Iterable[str] | None = None,
+        now: datetime | None = None,
+    ) -> TaskResultQuerySet:
+        """Stale RECEIVED/STARTED rows whose worker is gone: what recovery may act on.
+
+        Gone is ``get_stale_tasks``' rule (the heartbeat); with heartbeats off nobody can
+        tell, so nothing is recoverable. ``max_age`` must be positive: a row just requeued
+        (eta = now) or just taken by a worker must never count as stale again.
+        """
+        if max_age <= timedelta(0):
+            raise ValueError(f"recovering stale tasks needs a positive age, not {max_age}")
+        if heartbeat.interval() <= 0:
+            return self.none()
+        stale = self.get_stale_tasks(max_age, acceptable_states, now)
+        return stale.filter(status__in=LOST_STATES, hostname__isnull=False)
+
+    def requeue(self, marker: Any = None, meta: Any = None) -> int:
+        """Send again: each row becomes a due, unclaimed SCHEDULED row (same task id, same
+        attempt), for ``scheduler.send_now`` or any sender. ``marker``: a token left in
+        ``scheduled_id`` to read back what this statement changed (the caller clears it in
+        the same transaction); ``meta``: the row's note of what happened."""
+        return self.update(
+            status=SCHEDULED,
+            eta=DatabaseNow(),
+            scheduled_id=marker,
+            date_claimed=None,
+            hostname=None,
+            date_started=None,
+            date_modified=timezone.now(),
+            **({"meta": meta} if meta is not None else {}),
+        )
+
+    def mark_lost(self, failure: Mapping[str, Any], marker: Any = None) -> int:
+        """FAILURE: the worker running them is gone. ``failure``: the result columns (an
+        encoded ``WorkerLostError``, its text as traceback); ``marker`` as for requeue."""
+        now = timezone.now()
+        return self.update(
+            **failure,
+            status=FAILURE,
+            scheduled_id=marker,
+            date_claimed=None,
+            date_done=now,
+            date_modified=now,
+        )
 
     def stats(self, window: timedelta = timedelta(hours=24), **options: Any) -> dict[str, Any]:
         """Counts, failure rate, run times, stale rows and scheduled backlog over ``window``.
@@ -229,6 +346,23 @@ class TaskResultManager(TaskDatabaseManager.from_queryset(TaskResultQuerySet)):
         One statement; it never changes the state of an existing row.
         """
         self.record_publishes([values], using=using)
+
+    def insert_absent(self, values: Mapping[str, Any], *, using: str) -> bool:
+        """Insert one row (values as the backend's writes carry them: JSON columns as
+        encoded text) unless its task id is there; True when inserted. One statement."""
+        connection = connections[using]
+        columns = [c for c in values if c != "id"]
+        for column in NOT_NULL_COLUMNS:
+            if column not in columns:
+                columns.append(column)
+        sql, params = _insert_clause(self.model, connection, columns, values)
+        if connection.vendor == "mysql":
+            sql = sql.replace("INSERT INTO", "INSERT IGNORE INTO", 1)
+        else:
+            sql += " ON CONFLICT (task_id) DO NOTHING"
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.rowcount == 1
 
     def record_publishes(self, rows: Sequence[Mapping[str, Any]], *, using: str) -> None:
         """``record_publish`` of many rows in one statement (a task id sent twice: the

@@ -124,6 +124,13 @@ class TaskResultMeta(models.Model):
             ),
             # The same where partial indexes do not exist (MySQL).
             models.Index(fields=["status", "eta"], name="fdr_state_eta_idx"),
+            # Claims by age: the senders' reclaim of a dead sender's claims (lease_expired).
+            # MySQL has no partial index: there fdr_state_eta_idx reads the scheduled rows.
+            models.Index(
+                fields=["date_claimed"],
+                name="fdr_claimed_idx",
+                condition=Q(status=SCHEDULED, scheduled_id__isnull=False),
+            ),
             # Expiry cleanup: only final rows have date_done.
             models.Index(fields=["date_done"], name="fdr_done_idx"),
             # Admin: task-name filter (newest first) and name-prefix search. On PostgreSQL
@@ -371,6 +378,9 @@ class WorkerHeartbeat(models.Model):
     hostname = models.CharField(max_length=255, unique=True)
     pid = models.PositiveIntegerField(null=True)
     last_seen = models.DateTimeField(db_index=True)
+    #: When this worker (this boot of it) started: a row it took before is its own only if
+    #: taken after that (a worker restarted under the same name did not take it).
+    started = models.DateTimeField(null=True)
 
     objects = TaskDatabaseManager()
 

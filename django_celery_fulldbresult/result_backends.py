@@ -22,7 +22,7 @@ from django.db import transaction
 from django.utils import timezone
 from kombu.exceptions import EncodeError
 
-from . import chords, conf, db, encryption, records, secrecy, serialization
+from . import chords, conf, db, encryption, receipt, records, secrecy, serialization
 from .models import GroupResultMeta, TaskResultMeta
 from .states import REVOCABLE_STATES
 
@@ -163,6 +163,22 @@ class DatabaseResultBackend(BaseBackend):
         )
 
     # -- task state ---------------------------------------------------------
+
+    def mark_as_revoked(
+        self,
+        task_id: Any,
+        reason: str = "",
+        request: Any = None,
+        store_result: bool = True,
+        state: str = states.REVOKED,
+    ) -> None:
+        # A copy of a message this worker did not run (``receipt``): Celery revokes it to
+        # skip it; the row is the running or finished attempt's, and no chord counts it.
+        if receipt.was_skipped(getattr(request, "id", None) or getattr(task_id, "id", task_id)):
+            return
+        super().mark_as_revoked(
+            task_id, reason, request=request, store_result=store_result, state=state
+        )
 
     def _store_result(
         self,

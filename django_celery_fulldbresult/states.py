@@ -30,6 +30,11 @@ REVOCABLE_STATES = frozenset(
     {PENDING, RECEIVED, RETRY, celery_states.REJECTED, SCHEDULED, SCHEDULED_SENT}
 )
 
+#: An attempt no worker has taken yet (the receipt claim may take it, ``receipt``).
+UNRECEIVED_STATES = frozenset({PENDING, SCHEDULED, SCHEDULED_SENT})
+#: States that end an attempt: a copy of its message must not run it again.
+ENDED_STATES = FINAL_STATES | {RETRY}
+
 ALL_STATES = frozenset(celery_states.ALL_STATES) | {SCHEDULED, SCHEDULED_SENT}
 
 #: Sorted so that migrations stay stable.

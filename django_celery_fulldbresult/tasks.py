@@ -15,8 +15,9 @@ class ScheduledTask(Task):
     ``@shared_task(base=ScheduledTask)``, or app-wide with
     ``Celery("proj", task_cls="django_celery_fulldbresult.tasks:ScheduledTask")``.
     Needs ``DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA = True``. Per call,
-    ``apply_async(..., db_schedule="transaction")`` binds the row to the caller's
-    transaction and ``db_schedule=False`` keeps the broker's ETA (``scheduler.intercept``).
+    ``apply_async(..., db_schedule="transaction")`` binds the call to the caller's
+    transaction (delayed or not: transactional publish), ``db_schedule=True`` does not,
+    and ``db_schedule=False`` keeps the broker's ETA (``scheduler.intercept``).
     """
 
     def apply_async(
@@ -36,7 +37,10 @@ class ScheduledTask(Task):
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
             )
         db_schedule = scheduler.intercept.strip_option(options)
-        if options.get("eta") is not None or options.get("countdown") is not None:
+        # A delayed call, or one bound to the caller's transaction (transactional publish).
+        if scheduler.intercept.may_hold(
+            app, options.get("countdown"), options.get("eta"), db_schedule
+        ):
             # The same options apply_async would hand to send_task.
             call = dict(self._get_exec_options(), **options)
             call.setdefault("ignore_result", self.ignore_result)

@@ -7,4 +7,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("demo/send-tasks/", views.send_tasks),
     path("demo/publish/", views.publish),
+    path("demo/publish-in-request/", views.publish_in_request),
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from django.db import connections
 
+from django_celery_fulldbresult import heartbeat
 from testproject.workers import worker_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,9 +149,18 @@ def worker(django_db_setup, django_db_blocker, celery_app) -> Iterator[object]:
             perform_ping_check=False,
             loglevel="WARNING",
             shutdown_timeout=30,
+            # A node name per queue prefix: runs side by side on one RabbitMQ would share
+            # the default name's pidbox queue (RESOURCE_LOCKED, a hung start).
+            hostname=f"{QUEUE_PREFIX}@{socket.gethostname()}",
         ) as running,
     ):
-        yield running
+        # Celery's test worker sends no worker_ready: its heartbeat starts here, as a real
+        # worker's does (a live worker holds the tasks it took: receipt.py).
+        heartbeat.on_worker_ready(sender=running.consumer)
+        try:
+            yield running
+        finally:
+            heartbeat.on_worker_shutdown()
 
 
 def _fresh_connections(**_: object) -> None:

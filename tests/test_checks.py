@@ -254,10 +254,10 @@ def test_unapplied_migrations_are_reported_by_check_database_and_migrate(tmp_pat
     assert migrate.returncode == 0, migrate.stdout + migrate.stderr
     # migrate's own checks run first: they do not tell it to do what it is doing.
     assert warning not in migrate.stdout + migrate.stderr
-    user_project(tmp_path, "", "manage.py", "migrate", "django_celery_fulldbresult", "0004")
+    user_project(tmp_path, "", "manage.py", "migrate", "django_celery_fulldbresult", "0005")
     run = user_project(tmp_path, "", "manage.py", "check", "--database", "default")
     output = run.stdout + run.stderr
-    assert "1 migration(s)" in output and "0005_chord_added_parts" in output, output
+    assert "1 migration(s)" in output and "0006_receipt_and_leases" in output, output
     assert "0001_v1_schema" not in output, output
 
     user_project(tmp_path, "", "manage.py", "migrate")

@@ -5,6 +5,8 @@ A row's life (``status``, and ``scheduled_id``: the token of the sender holding 
     state               event                                 next state          by
     ------------------  ------------------------------------  ------------------  ----------
     (none)              call with a future eta                SCHEDULED           intercept
+    (none)              call in a transaction (outbox)        SCHEDULED, grace    intercept
+    SCHEDULED           the caller committed: on-commit hook  claimed, as below   outbox
     SCHEDULED           due, unexpired: claimed (token)       SCHEDULED, claimed  claims
     SCHEDULED           due, expired                          REVOKED             revoke
     SCHEDULED           cancel, AsyncResult.revoke()          REVOKED             revoke
@@ -31,11 +33,14 @@ Modules, one concern each:
 * ``sender``: the ``Sender`` (pipelined claim / publish / record, its connections, the
   ledger of what a database outage kept it from recording) and ``forward_due``;
 * ``revoke``: cancel, ``AsyncResult.revoke()``, expiry, and what they tell chords;
-* ``operations``: send now, resend a dead sender's claims.
+* ``operations``: send now, resend a dead sender's claims;
+* ``outbox``: transactional publish, a call held in the caller's transaction published
+  after its commit (an on-commit hook; a sender if the process died first).
 """
 
 from .claims import seconds_until_next
 from .intercept import (
+    AT_ONCE,
     IN_TRANSACTION,
     forwarding,
     install,
@@ -46,15 +51,18 @@ from .intercept import (
     wants_scheduling,
 )
 from .operations import cancel_scheduled, make_due, resend_stale, safe_resend_age, send_now
+from .outbox import TransactionalPublishError
 from .revoke import revoke_waiting
 from .rows import ClaimedRow, PassResult, claimed_values
 from .sender import Sender, forward_due
 
 __all__ = [
+    "AT_ONCE",
     "IN_TRANSACTION",
     "ClaimedRow",
     "PassResult",
     "Sender",
+    "TransactionalPublishError",
     "cancel_scheduled",
     "claimed_values",
     "forward_due",

@@ -9,7 +9,7 @@ the sender's own connection, never a caller's transaction.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
 
@@ -124,14 +124,6 @@ def mark_sent(using: str, token: uuid.UUID, ids: list[int]) -> int:
     return rows(using).filter(id__in=ids).scheduled().claimed(token).mark_sent()
 
 
-def drop_sent(using: str, token: uuid.UUID, ids: list[int]) -> int:
-    """Forwarded rows whose result is ignored: nothing would ever follow them, they go."""
-    if not ids:
-        return 0
-    deleted, _ = rows(using).filter(id__in=ids).scheduled().claimed(token).delete()
-    return deleted
-
-
 def release(using: str, token: uuid.UUID, ids: list[int] | None = None) -> int:
     """Give rows back to later passes: these ids, or every row ``token`` still holds."""
     held = rows(using).scheduled().claimed(token)
@@ -150,6 +142,25 @@ def release_except(using: str, token: uuid.UUID, kept: list[int]) -> int:
 def fail(using: str, token: uuid.UUID, row_id: int, error: BaseException) -> int:
     """A claimed row that cannot be forwarded becomes FAILURE, with the reason."""
     return rows(using).filter(id=row_id).scheduled().claimed(token).update(**failed_columns(error))
+
+
+def renew(using: str, tokens: list[uuid.UUID]) -> int:
+    """The lease of every row these tokens still hold starts again (a live sender)."""
+    if not tokens:
+        return 0
+    return rows(using).scheduled().filter(scheduled_id__in=tokens).renew()
+
+
+def reclaim(using: str, lease: timedelta) -> tuple[int, list[str]]:
+    """Give back the claims of senders gone for ``lease`` (they stopped renewing them): how
+    many, and up to 20 of their task ids (for the log). The rows become ready to send again:
+    some may have reached the broker before their sender died, and the worker's receipt
+    claim (``receipt``) runs such an attempt once."""
+    sample = list(rows(using).lease_expired(lease).values_list("task_id", flat=True)[:20])
+    if not sample:
+        return 0, []
+    # One UPDATE, on rows still past the lease: a sender renewing meanwhile keeps its rows.
+    return rows(using).lease_expired(lease).release(), sample
 
 
 def seconds_until_next(using: str, cap: float = 1.0) -> float:

@@ -10,6 +10,13 @@ the caller does not take it back, and a retry raised inside ``transaction.atomic
 never lost. ``apply_async(..., db_schedule="transaction")`` binds one call to the caller's
 transaction instead (a rollback then means the task is never sent); a retry is never
 bound. ``db_schedule=False`` keeps one call's ETA in the broker.
+
+Transactional publish. A bound call that is due at once (no eta, or a due one) is held
+the same way: its row, due ``TRANSACTIONAL_PUBLISH_GRACE`` seconds later, is written in the
+caller's transaction and published after commit (``outbox``). ``TRANSACTIONAL_PUBLISH``
+makes ``"transaction"`` the default of every call made inside ``transaction.atomic()`` on
+the task database; ``db_schedule=True`` then opts one call out (published, or its row
+committed, at once), as ``db_schedule=False`` does (and keeps a delay in the broker).
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ logger = logging.getLogger(__name__)
 OPTION = "db_schedule"
 #: ``db_schedule="transaction"``: the row joins the caller's transaction.
 IN_TRANSACTION = "transaction"
+#: ``db_schedule=True``: not bound to the caller's transaction (the default without
+#: ``TRANSACTIONAL_PUBLISH``).
+AT_ONCE = True
 
 _state = threading.local()
 
@@ -85,16 +95,50 @@ def wants_scheduling(
     app: Any, name: str, task: Any = None, headers: dict[str, Any] | None = None
 ) -> bool:
     """Whether a task of this name may wait in the database at all."""
+    if not may_wait(app, name, task):
+        return False
+    # Secret tasks would have to store their arguments to be forwarded later.
+    return not secrecy.is_secret(name, task, headers)
+
+
+def may_wait(app: Any, name: str, task: Any = None) -> bool:
+    """``wants_scheduling`` but for secrecy (a secret call bound to a transaction is refused,
+    not published at once)."""
     if not conf.get("SCHEDULE_ETA") or is_forwarding() or app.conf.task_always_eager:
         return False
     if name.startswith("celery."):  # chord_unlock and friends stay in the broker
         return False
     if task is not None and getattr(task, "db_schedule", True) is False:
         return False
-    if any(fnmatch.fnmatchcase(name, p) for p in conf.get("SCHEDULE_EXCLUDE")):
+    return not any(fnmatch.fnmatchcase(name, p) for p in conf.get("SCHEDULE_EXCLUDE"))
+
+
+def choice(db_schedule: Any) -> Any:
+    """The per-call choice, the setting's default when the call made none (None)."""
+    if db_schedule is None:
+        return IN_TRANSACTION if conf.get("TRANSACTIONAL_PUBLISH") else AT_ONCE
+    return db_schedule
+
+
+def in_callers_transaction() -> bool:
+    """Inside ``transaction.atomic()`` on the task database, in sync code. A test case's own
+    blocks (``TestCase`` wraps each test in two) do not count: a test sees what production
+    would, outside a transaction of its own."""
+    if db.in_event_loop():
         return False
-    # Secret tasks would have to store their arguments to be forwarded later.
-    return not secrecy.is_secret(name, task, headers)
+    connection = connections[db.task_db_alias()]
+    if not connection.in_atomic_block:
+        return False
+    return not all(getattr(block, "_from_testcase", False) for block in connection.atomic_blocks)
+
+
+def may_hold(app: Any, countdown: Any, eta: Any, db_schedule: Any) -> bool:
+    """Cheap first test of ``maybe_schedule``: whether the call could become a row."""
+    if db_schedule is False or not conf.get("SCHEDULE_ETA"):
+        return False
+    if countdown is not None or eta is not None:
+        return True
+    return choice(db_schedule) == IN_TRANSACTION and in_callers_transaction()
 
 
 def maybe_schedule(
@@ -108,38 +152,59 @@ def maybe_schedule(
     result_cls: Any = None,
     add_to_parent: bool = True,
     task_type: Any = None,
-    db_schedule: Any = True,
+    db_schedule: Any = None,
     **options: Any,
 ) -> Any:
-    """Save the call as a SCHEDULED row if it asks for a future time; else return None
-    (and the caller publishes it as Celery would).
+    """Save the call as a SCHEDULED row if it asks for a future time, or if it is bound to
+    the caller's transaction (transactional publish); else return None (and the caller
+    publishes it as Celery would).
 
     ``options`` are ``send_task``'s keywords. The returned ``AsyncResult`` has the task's
     own id and becomes ready when the forwarded task finishes. ``db_schedule``: see the
-    module's docstring.
+    module's docstring (None: the call made no choice).
     """
-    if (countdown is None and eta is None) or db_schedule is False:
+    if not may_hold(app, countdown, eta, db_schedule):
         return None
     task = task_type if task_type is not None else records.registered_task(app, name)
-    if not wants_scheduling(app, name, task, options.get("headers")):
+    if not may_wait(app, name, task):
         return None
-    when = due_time(app, countdown, eta)
-    min_delay = float(conf.get("SCHEDULE_MIN_DELAY"))
-    if when is None or when <= app.now() + timedelta(seconds=min_delay):
-        return None  # already due: publish at once
     parent = app.current_worker_task
     retrying = parent is not None and task_id is not None and task_id == parent.request.id
     # A retry is never bound to a transaction; async code has none.
-    in_transaction = db_schedule == IN_TRANSACTION and not retrying and not db.in_event_loop()
+    in_transaction = (
+        choice(db_schedule) == IN_TRANSACTION and not retrying and in_callers_transaction()
+    )
+    when = due_time(app, countdown, eta)
+    min_delay = float(conf.get("SCHEDULE_MIN_DELAY"))
+    if when is None or when <= app.now() + timedelta(seconds=min_delay):
+        if not in_transaction:
+            return None  # already due: publish at once
+        # Held until commit: the on-commit hook publishes it at once, a sender after the
+        # grace only if the hook never ran.
+        when = app.now() + timedelta(seconds=float(conf.get("TRANSACTIONAL_PUBLISH_GRACE")))
+        held = True
+    else:
+        held = False
+    if secrecy.is_secret(name, task, options.get("headers")):
+        if in_transaction:
+            raise _cannot_hold(name, "a secret task's arguments are never stored")
+        return None  # its arguments would have to be stored: the broker keeps the ETA
     if not in_transaction and _sqlite_in_transaction():
         # SQLite has one writer: a connection of our own would wait for the caller's commit.
         logger.info("scheduler: SQLite inside a transaction; the broker keeps this ETA")
         return None
     values = scheduled_row(app, name, args, kwargs, task, task_id, when, options)
     if values is None:
+        if in_transaction:
+            raise _cannot_hold(name, "the call cannot be stored exactly (see the log)")
         return None
     if in_transaction:
+        # The guard of "rolled back, never sent": the caller's connection, in its transaction.
         _store(values, db.task_db_alias())
+        if held:
+            from .outbox import publish_after_commit  # outbox -> operations -> intercept
+
+            publish_after_commit(app, values["task_id"], db.task_db_alias())
     else:
         # Committed at once on the package's own connection (in async code, the helper
         # thread's: the alias is resolved where the statement runs).
@@ -148,6 +213,16 @@ def maybe_schedule(
     if add_to_parent and parent is not None:
         parent.add_trail(result)
     return result
+
+
+def _cannot_hold(name: str, why: str) -> Exception:
+    from .outbox import TransactionalPublishError
+
+    return TransactionalPublishError(
+        f"{name}: cannot be published after the caller's commit: {why}. Pass "
+        "db_schedule=True to publish it at once, or use Celery's delay_on_commit (published "
+        "from memory after commit: lost if the process dies first)."
+    )
 
 
 def _sqlite_in_transaction() -> bool:
@@ -284,5 +359,5 @@ def is_installed(app: Any) -> bool:
 
 
 def strip_option(options: dict[str, Any]) -> Any:
-    """Take the per-call ``db_schedule`` out of options bound for Celery."""
-    return options.pop(OPTION, True)
+    """Take the per-call ``db_schedule`` out of options bound for Celery (None: not given)."""
+    return options.pop(OPTION, None)

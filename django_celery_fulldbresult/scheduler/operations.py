@@ -8,6 +8,7 @@ after the task was published, so nothing is ever sent twice.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -35,19 +36,22 @@ def cancel_scheduled(task_id: str, app: Any = None, using: str | None = None) ->
     return bool(revoke.revoke_waiting(app, [task_id], revoke.CANCELLED, using=using))
 
 
-def send_now(app: Any, task_ids: list[str], using: str | None = None) -> dict[str, str]:
+def send_now(
+    app: Any, task_ids: list[str], using: str | None = None, sender: Sender | None = None
+) -> dict[str, str]:
     """Forward these scheduled tasks now instead of at their eta; task id -> what happened.
 
     Claim-safe: the rows are claimed with a token of our own by the same conditional UPDATE
     a sender uses (only unclaimed, unexpired SCHEDULED rows), then published and recorded
-    by a sender of its own. A row a sender holds, or that is no longer SCHEDULED, is left
+    by a sender of its own (``sender``: one the caller keeps, left open; the transactional
+    publish's on-commit hook). A row a sender holds, or that is no longer SCHEDULED, is left
     alone. Outcomes: ``sent``, ``failed``, ``released`` (broker down: SCHEDULED again),
     ``not claimed`` (not waiting, expired, or held by a sender).
     """
     refuse_in_sqlite_transaction("send_now")
-    using = using or db.task_db_alias()
+    using = sender.using if sender is not None else using or db.task_db_alias()
     outcomes = dict.fromkeys(task_ids, NOT_CLAIMED)
-    with Sender(app, using) as sender:
+    with contextlib.nullcontext(sender) if sender is not None else Sender(app, using) as sender:
         token = uuid.uuid4()
 
         def take(alias: str) -> list[ClaimedRow]:
@@ -55,12 +59,16 @@ def send_now(app: Any, task_ids: list[str], using: str | None = None) -> dict[st
             waiting.unexpired().claim(token)
             return claimed_values(claims.rows(alias).filter(task_id__in=task_ids).claimed(token))
 
-        rows = sender.database.run(take, using)
-        if not rows:
-            return outcomes
-        published = sender.publisher.publish(rows, token)
-        sender.database.run(sender.record, published)
-    for row_id in published.sent + published.sent_ignored + published.unconfirmed:
+        sender.leases.hold(token)  # held (renewed) until recorded, as a sender's batch
+        try:
+            rows = sender.database.run(take, using)
+            if not rows:
+                return outcomes
+            published = sender.publisher.publish(rows, token)
+            sender.database.run(sender.record, published)
+        finally:
+            sender.leases.drop(token)
+    for row_id in published.sent + published.unconfirmed:
         outcomes[_task_id(rows, row_id)] = SENT
     for row_id, _error in published.failures:
         outcomes[_task_id(rows, row_id)] = FAILED

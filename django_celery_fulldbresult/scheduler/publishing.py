@@ -268,7 +268,6 @@ class Publisher:
         batch is unsent (released by the caller) and the connection is dropped.
         """
         outcome = Published(token)
-        ignored: set[int] = set()
         try:
             producer, confirms, declarations = self._ready()
         except Exception as exc:  # noqa: BLE001 - broker down: give everything back
@@ -296,8 +295,6 @@ class Publisher:
                         outcome.failures.append((row["id"], exc))
                         pending.pop(0)
                         continue
-                    if options.get("ignore_result"):
-                        ignored.add(row["id"])
                     if confirms.enabled:
                         # A retry would republish on a new channel, outside our confirm
                         # tracking; the row is released instead and sent on a later pass.
@@ -322,8 +319,7 @@ class Publisher:
                 with contextlib.suppress(Exception):
                     confirms.wait()
         confirmed, refused, unconfirmed = confirms.take()
-        outcome.sent = [i for i in confirmed if i not in ignored]
-        outcome.sent_ignored = [i for i in confirmed if i in ignored]
+        outcome.sent = confirmed
         outcome.unsent = refused + [row["id"] for row in pending]
         outcome.unconfirmed = unconfirmed
         if unconfirmed:

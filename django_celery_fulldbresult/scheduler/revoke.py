@@ -7,8 +7,8 @@ its chord (``on_chord_part_return``), so the chord fails instead of waiting for 
 ``revoke_waiting(..., in_flight=True)`` (what ``AsyncResult.revoke()`` does through the
 wrapped ``app.control.revoke``) also revokes a row a sender holds right now; its message
 may already be on its way, so every forwarded message carries a header and a worker that
-receives one checks the row first (``on_task_received``): a revoked row never runs, even
-when no worker was up to hear the broadcast.
+receives one takes the row first (``receipt``): a revoked row never runs, even when no
+worker was up to hear the broadcast.
 """
 
 from __future__ import annotations
@@ -19,16 +19,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from celery import states
-from celery.app.task import Context
 from celery.exceptions import TaskRevokedError
 from celery.utils.functional import maybe_list
-from celery.worker import state as worker_state
 from django.db import transaction
 
-from .. import conf, db
-from ..models import TaskResultMeta
+from .. import chords, conf, db
 from . import claims
-from .rows import FORWARDED_HEADER, revoked_columns
+from .rows import revoked_columns
 
 logger = logging.getLogger(__name__)
 
@@ -89,21 +86,7 @@ def expire_due(app: Any, using: str) -> int:
 def report_to_chords(app: Any, revoked: list[dict[str, Any]], reason: str) -> None:
     """What a worker does for a revoked chord header part: report it to its chord (which
     then fails, its errbacks called), as ``backend.mark_as_revoked`` would."""
-    for row in revoked:
-        options = row.get("options") or {}
-        if not row.get("group_id") or not options.get("chord"):
-            continue
-        request = Context(
-            id=row["task_id"],
-            group=row["group_id"],
-            group_index=options.get("group_index"),
-            chord=options["chord"],
-            delivery_info={},
-        )
-        try:
-            app.backend.on_chord_part_return(request, states.REVOKED, TaskRevokedError(reason))
-        except Exception:  # noqa: BLE001 - the row is revoked whatever the chord does
-            logger.exception("chord of the revoked task %s could not be told", row["task_id"])
+    chords.report_ended_parts(app, revoked, states.REVOKED, TaskRevokedError(reason))
 
 
 # -- AsyncResult.revoke() and the workers -----------------------------------------------
@@ -131,26 +114,3 @@ def wrap_control(app: Any) -> None:
 
 def unwrap_control(app: Any) -> None:
     vars(app.control).pop("revoke", None)
-
-
-def on_task_received(sender: Any = None, request: Any = None, **kwargs: Any) -> None:
-    """``task_received``: a forwarded task whose row was revoked meanwhile is not run.
-
-    Celery checks its revoked set right before it runs a task, so adding the id there is
-    enough: the worker then records REVOKED (with the request) and acknowledges it.
-    """
-    if request is None or not (request.request_dict or {}).get(FORWARDED_HEADER):
-        return
-    try:
-        revoked = db.run_with_reconnect(
-            lambda using: (
-                TaskResultMeta.objects.using(using)
-                .filter(task_id=request.id, status=states.REVOKED)
-                .exists()
-            )
-        )
-    except Exception:  # noqa: BLE001 - cannot tell: the task runs, as without the scheduler
-        logger.exception("scheduler: could not check whether %s was revoked", request.id)
-        return
-    if revoked:
-        worker_state.revoked.add(request.id)

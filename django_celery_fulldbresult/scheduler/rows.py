@@ -12,7 +12,7 @@ from django.db.models import TextField
 from django.db.models.functions import Cast
 from django.utils import timezone
 
-from .. import serialization
+from .. import receipt, serialization
 
 #: ``send_task`` keywords that describe *how* to send now, not the task itself.
 TRANSIENT_OPTIONS = frozenset(
@@ -44,9 +44,9 @@ COLUMN_OPTIONS = (
     "retries",
     "expires",
 )
-#: A header on every forwarded message: a worker receiving it checks that the row was not
-#: revoked while the message was on its way (``revoke.on_task_received``).
-FORWARDED_HEADER = "fulldb_forwarded"
+#: A header on every forwarded message: a worker receiving it takes the attempt first
+#: (``receipt``: a revoked row or a copy of a forward does not run).
+FORWARDED_HEADER = receipt.FORWARDED_HEADER
 
 #: Read with a claim (plain columns).
 CLAIM_COLUMNS = (
@@ -105,9 +105,11 @@ class PassResult:
     released: int = 0
     expired: int = 0
     failed: int = 0
+    #: Claims of a dead sender taken back (``claims.reclaim``), forwarded again.
+    reclaimed: int = 0
 
     def add(self, other: PassResult) -> None:
-        for name in ("claimed", "sent", "released", "expired", "failed"):
+        for name in ("claimed", "sent", "released", "expired", "failed", "reclaimed"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -116,10 +118,9 @@ class Published:
     """What the broker made of a claimed batch (row ids)."""
 
     token: uuid.UUID
-    #: Confirmed: they become SCHEDULED_SENT.
+    #: Confirmed: they become SCHEDULED_SENT (the worker that takes one whose result is
+    #: ignored deletes it: ``receipt``).
     sent: list[int] = field(default_factory=list)
-    #: Confirmed, and their result is ignored: the row goes (nothing would ever follow it).
-    sent_ignored: list[int] = field(default_factory=list)
     #: Refused by the broker, or never published (it failed): released for a later pass.
     unsent: list[int] = field(default_factory=list)
     #: Rows that cannot be sent (undecodable) and why: recorded as FAILURE.
@@ -134,7 +135,7 @@ class Published:
     def outcome(self, claimed: int, released: int) -> PassResult:
         return PassResult(
             claimed=claimed,
-            sent=len(self.sent) + len(self.sent_ignored),
+            sent=len(self.sent),
             released=released,
             failed=len(self.failures),
         )

@@ -18,6 +18,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from django.db import connections
@@ -38,9 +39,7 @@ class Unsettled:
     token: uuid.UUID
     #: Published and confirmed: to become SCHEDULED_SENT.
     sent: list[int] = field(default_factory=list)
-    #: Confirmed, result ignored: to be deleted.
-    sent_ignored: list[int] = field(default_factory=list)
-    #: Published, never confirmed: stay claimed (reported stale, as after a crash).
+    #: Published, never confirmed: stay claimed until their lease runs out (as after a crash).
     keep: list[int] = field(default_factory=list)
 
 
@@ -79,10 +78,7 @@ class Ledger:
                     break
                 batch = self._batches[0]
             sent += claims.mark_sent(using, batch.token, batch.sent)
-            sent += claims.drop_sent(using, batch.token, batch.sent_ignored)
-            released += claims.release_except(
-                using, batch.token, batch.sent + batch.sent_ignored + batch.keep
-            )
+            released += claims.release_except(using, batch.token, batch.sent + batch.keep)
             with self._lock:
                 self._batches.remove(batch)
         if sent or released:
@@ -138,15 +134,82 @@ class DatabaseThread:
             self.executor.shutdown(wait=True)
 
 
+def lease() -> float:
+    """``SCHEDULER_RECLAIM_AFTER`` in seconds; 0: claims are never taken back."""
+    return max(0.0, float(conf.get("SCHEDULER_RECLAIM_AFTER") or 0))
+
+
+class Leases:
+    """The claims a sender holds (by token), renewed by a thread of their own.
+
+    Every quarter of the lease the rows the held tokens still claim get a new
+    ``date_claimed`` (one UPDATE, on the sender's database thread), so a sender that is
+    alive keeps its claims however long the broker makes it wait; a dead one stops
+    renewing, and after ``SCHEDULER_RECLAIM_AFTER`` any sender takes them back
+    (``claims.reclaim``). A batch is held from its claim until it is recorded.
+    """
+
+    def __init__(self, database: Any, seconds: float) -> None:
+        self.database = database
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._held: set[uuid.UUID] = set()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        # Inline (Django's test environment, the transactional publish's hook) the statements
+        # run on the caller's connection, not from another thread: nothing to renew there
+        # (such a claim lives for one call; one a dead process left is taken back as any).
+        if seconds > 0 and getattr(database, "executor", None) is not None:
+            self._thread = threading.Thread(
+                target=self._run, name="fulldb-scheduler-leases", daemon=True
+            )
+            self._thread.start()
+
+    def hold(self, token: uuid.UUID) -> None:
+        with self._lock:
+            self._held.add(token)
+
+    def drop(self, token: uuid.UUID) -> None:
+        with self._lock:
+            self._held.discard(token)
+
+    def held(self) -> list[uuid.UUID]:
+        with self._lock:
+            return list(self._held)
+
+    def renew(self) -> int:
+        tokens = self.held()
+        if not tokens:
+            return 0
+        return self.database.run(claims.renew, self.database.using, tokens)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.seconds / 4):
+            try:
+                self.renew()
+            except Exception:  # noqa: BLE001 - database down: the next beat tries again
+                logger.warning("scheduler: could not renew the claims' lease", exc_info=True)
+
+    def close(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
 class Sender:
     """Forwards due rows of one app; see the module's docstring. A context manager."""
 
-    def __init__(self, app: Any, using: str | None = None) -> None:
+    def __init__(self, app: Any, using: str | None = None, database: Any = None) -> None:
+        """``database``: what runs the sender's SQL (``DatabaseThread``'s interface); by
+        default a thread of its own with its own connection."""
         self.app = app
         self.using = using or db.task_db_alias()
-        self.database = DatabaseThread(self.using)
+        self.database = database if database is not None else DatabaseThread(self.using)
         self.publisher = Publisher(app)
         self.ledger = Ledger()
+        self.lease = lease()
+        self.leases = Leases(self.database, self.lease)
+        self._next_reclaim = 0.0
 
     def __enter__(self) -> Sender:
         return self
@@ -169,6 +232,7 @@ class Sender:
                         ", ".join(str(token) for token in self.ledger.tokens()),
                     )
         finally:
+            self.leases.close()
             self.publisher.close()
             self.database.close()
 
@@ -202,6 +266,7 @@ class Sender:
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         total = PassResult()
         self.settle()
+        total.reclaimed = self.reclaim()
         total.expired = self.database.run(revoke.expire_due, self.app, self.using)
         ahead: tuple[uuid.UUID, Future] | None = self._claim_ahead(batch_size)
         records: list[tuple[Future, int, Published]] = []
@@ -224,6 +289,25 @@ class Sender:
             raise error
         return total
 
+    def reclaim(self) -> int:
+        """Take back the claims of dead senders (``claims.reclaim``), at most every quarter
+        of the lease; how many rows. They are forwarded by this run or a later one."""
+        if self.lease <= 0 or time.monotonic() < self._next_reclaim:
+            return 0
+        self._next_reclaim = time.monotonic() + max(1.0, self.lease / 4)
+        count, sample = self.database.run(claims.reclaim, self.using, timedelta(seconds=self.lease))
+        if count:
+            logger.warning(
+                "scheduler: took back %d tasks claimed by a sender that stopped renewing its "
+                "claims %.0f s ago (it died); forwarding them again (the workers run each "
+                "attempt once): %s%s",
+                count,
+                self.lease,
+                ", ".join(sample),
+                ", ..." if count > len(sample) else "",
+            )
+        return count
+
     def _claim_ahead(self, batch_size: int) -> tuple[uuid.UUID, Future]:
         token = uuid.uuid4()
         return token, self.database.submit(self._claim, token, batch_size)
@@ -231,11 +315,16 @@ class Sender:
     def _claim(self, token: uuid.UUID, batch_size: int) -> list[ClaimedRow]:
         """``claims.claim``; if it fails, the claim may still have committed: the ledger
         gives it back."""
+        self.leases.hold(token)  # from before the claim: it may commit and its answer be lost
         try:
-            return claims.claim(self.using, token, batch_size)
+            rows = claims.claim(self.using, token, batch_size)
         except Exception:
+            self.leases.drop(token)  # the ledger gives it back, or the lease once we are gone
             self.ledger.add(Unsettled(token))
             raise
+        if not rows:
+            self.leases.drop(token)
+        return rows
 
     def record(self, published: Published) -> int:
         """Mark sent rows SCHEDULED_SENT (delete those whose result is ignored), failed ones
@@ -244,15 +333,16 @@ class Sender:
         token = published.token
         try:
             claims.mark_sent(self.using, token, published.sent)
-            claims.drop_sent(self.using, token, published.sent_ignored)
             for row_id, error in published.failures:
                 claims.fail(self.using, token, row_id, error)
             return claims.release(self.using, token, published.unsent)
         except Exception:
-            self.ledger.add(
-                Unsettled(token, published.sent, published.sent_ignored, published.unconfirmed)
-            )
+            self.ledger.add(Unsettled(token, published.sent, published.unconfirmed))
             raise
+        finally:
+            # Recorded (or left to the ledger): rows still claimed now are unconfirmed ones,
+            # which may or may not be in the queue; the lease lets them be taken back.
+            self.leases.drop(token)
 
     def _finish(
         self,
@@ -280,6 +370,8 @@ class Sender:
             except Exception as exc:  # noqa: BLE001 - database down: the ledger gives it back
                 self.ledger.add(Unsettled(token))
                 error = error or exc
+            finally:
+                self.leases.drop(token)
         for recorded, claimed_count, published in records:
             try:
                 released = recorded.result()

@@ -191,3 +191,15 @@ def soak_size(self, data):
     """Logs the run and returns the length of ``data`` (large arguments)."""
     _log_run(self.request.id, self.request.retries)
     return len(data)
+
+
+@shared_task(bind=True)
+def record_then_sleep(self, seconds=0.0):
+    """Records this execution, then sleeps ``seconds`` on its first run only: a task a
+    worker can be killed in, that ends at once when it is sent again (recovery tests)."""
+    from testproject.demo.models import Run
+
+    Run.objects.create(task_id=self.request.id, pid=os.getpid())
+    if Run.objects.filter(task_id=self.request.id).count() == 1:
+        time.sleep(seconds)
+    return seconds

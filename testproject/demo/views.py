@@ -16,3 +16,12 @@ async def send_tasks(request):
 def publish(request):
     """A plain (WSGI) view that sends one task."""
     return JsonResponse({"id": tasks.add.apply_async((1, 2), queue=request.GET["queue"]).id})
+
+
+def publish_in_request(request):
+    """Sends one task with the given id; ``fail=1`` then raises (the request's transaction
+    rolls back under ATOMIC_REQUESTS)."""
+    result = tasks.add.apply_async((1, 2), queue=request.GET["queue"], task_id=request.GET["id"])
+    if request.GET.get("fail"):
+        raise RuntimeError("the view fails after sending")
+    return JsonResponse({"id": result.id})

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Any
 
 from celery import current_app
 from django.core.management.base import CommandError
 
-from django_celery_fulldbresult import conf, scheduler
+from django_celery_fulldbresult import conf, recovery, scheduler
 from django_celery_fulldbresult.management.base import DocumentedCommand
 
 
@@ -15,8 +16,13 @@ class Command(DocumentedCommand):
     help = (
         "Forward due scheduled tasks to the broker, continuously. Wakes at the next eta "
         "(at most --interval seconds apart). Any number may run at once, with beat too. "
-        "Keeps one database and one broker connection, reopened after an error."
+        "Keeps one database and one broker connection, reopened after an error. Takes "
+        "back the claims of senders that died (SCHEDULER_RECLAIM_AFTER) and recovers the "
+        "tasks of workers that died (RECOVER_AFTER, per task policy)."
     )
+
+    #: Longest time between two recovery passes (RECOVER_AFTER / 4 when shorter).
+    RECOVERY_EVERY = 60.0
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument(
@@ -34,11 +40,13 @@ class Command(DocumentedCommand):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
         self.stdout.write(f"run_scheduler: polling every {interval}s at most")
+        self._next_recovery = 0.0
         with scheduler.Sender(current_app) as sender:
             while not stop.is_set():
                 wait = self._forward(sender, interval, options["batch_size"], options["once"])
                 if wait is None:
                     return
+                self._recover(sender)
                 stop.wait(wait)
             self._settle_before_exit(sender)
 
@@ -48,10 +56,17 @@ class Command(DocumentedCommand):
         """One forwarding run; how long to sleep after it (None: --once is done)."""
         try:
             outcome = sender.forward_due(batch_size, max_seconds=interval)
-            if outcome.sent or outcome.expired or outcome.failed or outcome.released:
+            if (
+                outcome.sent
+                or outcome.expired
+                or outcome.failed
+                or outcome.released
+                or outcome.reclaimed
+            ):
                 self.stdout.write(
                     f"sent {outcome.sent}, expired {outcome.expired}, "
-                    f"failed {outcome.failed}, released {outcome.released}"
+                    f"failed {outcome.failed}, released {outcome.released}, "
+                    f"reclaimed {outcome.reclaimed}"
                 )
             if once:
                 return None
@@ -62,6 +77,27 @@ class Command(DocumentedCommand):
             self.stderr.write(f"run_scheduler: {exc!r}; retrying in {interval}s")
             sender.reconnect()
             return interval
+
+    def _recover(self, sender: scheduler.Sender) -> None:
+        """Apply the recovery policies to the tasks of dead workers, every so often."""
+        max_age = recovery.recover_after()
+        if max_age is None or time.monotonic() < self._next_recovery:
+            return
+        every = min(self.RECOVERY_EVERY, max_age.total_seconds() / 4)
+        self._next_recovery = time.monotonic() + every
+        try:
+            outcome = recovery.recover_stale(
+                current_app,
+                sender.using,
+                max_age,
+                sender=sender,
+                limit=int(conf.get("SCHEDULER_BATCH_SIZE")),
+            )
+        except Exception as exc:  # noqa: BLE001 - database down: the next pass tries again
+            self.stderr.write(f"run_scheduler: recovery failed: {exc!r}")
+            return
+        if outcome.acted:
+            self.stdout.write(f"recovered: {outcome.summary()}")
 
     def _settle_before_exit(self, sender: scheduler.Sender) -> None:
         """Record what a database outage left unrecorded; say so if the database still refuses."""
