@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +41,10 @@ class Sizes:
     outage_rows: int
     race_publishes: int
     race_retries: int
+    run_once_tasks: int = 300
+    run_once_long_tasks: int = 8
+    recovery_kill_tasks: int = 16
+    recovery_policies: tuple[str, ...] = ("resend", "fail", "report")
 
     @classmethod
     def full(cls) -> Sizes:
@@ -59,6 +64,7 @@ class Sizes:
             outage_rows=3_000,
             race_publishes=1_000,
             race_retries=1_000,
+            recovery_kill_tasks=16,
         )
 
     @classmethod
@@ -74,6 +80,9 @@ class Sizes:
             outage_rows=300,
             race_publishes=200,
             race_retries=150,
+            run_once_tasks=40,
+            run_once_long_tasks=4,
+            recovery_kill_tasks=8,
         )
 
 
@@ -202,6 +211,16 @@ def start_publisher(
 
 def sender_started(proc: subprocess.Popen) -> bool:
     return "polling every" in log_text(proc)
+
+
+def reclaimed_in(folder: Path) -> int:
+    """Claims the senders logged in ``folder`` took back from killed ones (run_scheduler's
+    "reclaimed N" lines)."""
+    return sum(
+        int(count)
+        for log in folder.glob("*.log")
+        for count in re.findall(r"reclaimed (\d+)", log.read_text(errors="replace"))
+    )
 
 
 def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

@@ -32,7 +32,7 @@ FORBIDDEN_DBS = frozenset({"fulldbresult", "fulldb_bench", "fulldb_bench_sched",
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m soak", description=__doc__)
     parser.add_argument("--stacks", default=",".join(STACKS))
-    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="Scenario numbers.")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="Scenario numbers.")
     parser.add_argument("--small", action="store_true", help="The pytest sizes.")
     parser.add_argument("--load-tasks", type=int, default=None, help="Scenario 1's task count.")
     parser.add_argument("--outage-seconds", type=float, default=None)

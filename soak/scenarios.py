@@ -1,4 +1,4 @@
-"""The seven soak and fault scenarios (issue 5). Each returns an :class:`Outcome`.
+"""The soak and fault scenarios (issue 5; 8 and 9: issue 15). Each returns an :class:`Outcome`.
 
 Every scenario starts real processes (``celery worker``, ``manage.py
 run_scheduler``, publisher processes) on the context's database and queue,
@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
+
+from billiard.exceptions import WorkerLostError
 
 from . import harness
 from .faultproxy import FaultProxy
@@ -239,8 +243,15 @@ def _settled(value: Callable[[], int], quiet: float, timeout: float = 90) -> int
 # -- 3. sender killed -----------------------------------------------------------------
 
 
+#: Seconds after which the soak's senders take a killed sender's claims back.
+RECLAIM_AFTER = 5.0
+RECLAIM_ENV = {"FULLDB_RECLAIM_AFTER": str(RECLAIM_AFTER)}
+
+
 def sender_killed(ctx: Context) -> Outcome:
-    """SIGKILL run_scheduler at random points; no duplicates, the rest reported."""
+    """SIGKILL run_scheduler at random points: every task runs exactly once, with nobody
+    resending anything (the senders take a killed one's claims back after RECLAIM_AFTER,
+    the worker runs each attempt once however many copies arrive)."""
     out = Outcome("3 sender-kill")
     folder = ctx.folder("sender-kill")
     rows = ctx.sizes.sender_kill_rows
@@ -254,19 +265,22 @@ def sender_killed(ctx: Context) -> Outcome:
     claims_left: list[int] = []
     with harness.stopping_all(ctx):
         harness.start_worker(ctx, "sk-worker", folder, "prefork", 2)
+        reclaim = RECLAIM_ENV
         for round_ in range(kills):
-            sender = harness.start_sender(ctx, f"sender{round_}", folder, "--batch-size=200")
+            sender = harness.start_sender(
+                ctx, f"sender{round_}", folder, "--batch-size=200", **reclaim
+            )
             harness.wait_until(lambda s=sender: harness.sender_started(s), 60, 0.05)
             time.sleep(rng.uniform(0.0, 1.2))
             harness.kill(sender)
             claims_left.append(len(harness.stale_scheduled_ids() & set(ids)))
-        final = harness.start_sender(ctx, "sender-final", folder)
+        final = harness.start_sender(ctx, "sender-final", folder, **reclaim)
         stale_now = lambda: harness.stale_scheduled_ids() & set(ids)  # noqa: E731
 
         def settled() -> bool:
-            return harness.count_in(ids, status="SUCCESS") + len(stale_now()) == rows
+            return harness.count_in(ids, status="SUCCESS") == rows
 
-        out.check(harness.wait_until(settled, 300, 1.0), "rows neither finished nor reported")
+        out.check(harness.wait_until(settled, 300, 1.0), "rows did not all finish")
         harness.stop(ctx, [final])
         time.sleep(1)
     runs = harness.read_runs(folder)
@@ -276,12 +290,13 @@ def sender_killed(ctx: Context) -> Outcome:
     etas = harness.eta_epochs(ids)
     early = [i for i in ran if runs[i][0].at < etas[i]]
     out.check(not dupes, f"{len(dupes)} tasks ran twice {dupes[:3]}")
-    out.check(ran | stale == set(ids), f"{len(set(ids) - ran - stale)} tasks lost")
-    out.check(not ran & stale, f"{len(ran & stale)} tasks ran but are reported stale")
+    out.check(ran == set(ids), f"{len(set(ids) - ran)} tasks never ran")
+    out.check(not stale, f"{len(stale)} tasks left for an operator (reported stale)")
     out.check(not early, f"{len(early)} tasks ran before their eta")
     out.figures.update(
         kills=kills,
         kills_leaving_claims=sum(1 for n in claims_left if n),
+        reclaimed=harness.reclaimed_in(folder),
         rows=rows,
         ran_once=len(ran),
         reported_stale=len(stale),
@@ -307,7 +322,8 @@ def broker_outage(ctx: Context) -> Outcome:
     harness.scheduled_rows(ids, ctx.queue, [start + rng.uniform(0, seconds + 6) for _ in ids])
     on = {"FULLDB_SCHEDULE_ETA": "1"}
     with FaultProxy(broker_port) as proxy, harness.stopping_all(ctx):
-        through = {"FULLDB_BROKER_PORT": str(proxy.port), **on}
+        # A message the broker never confirmed comes back after the lease (RECLAIM_AFTER).
+        through = {"FULLDB_BROKER_PORT": str(proxy.port), **on, **RECLAIM_ENV}
         harness.start_worker(ctx, "bo-worker", folder, "prefork", 2, **on)
         sender = harness.start_sender(ctx, "sender", folder, **through)
         rate = 40
@@ -387,7 +403,7 @@ def database_outage(ctx: Context) -> Outcome:
     with FaultProxy(db_port) as proxy, harness.stopping_all(ctx):
         through = {"FULLDB_DB_PORT": str(proxy.port)}
         harness.start_worker(ctx, "do-worker", folder, "prefork", 2, **through)
-        sender = harness.start_sender(ctx, "sender", folder, **through)
+        sender = harness.start_sender(ctx, "sender", folder, **through, **RECLAIM_ENV)
         rate = 40
         count = int(rate * (seconds + 10))
         # The publisher reaches the database directly: it is the worker and the sender
@@ -530,6 +546,241 @@ def bad_input(ctx: Context) -> Outcome:
     return badinput.run(ctx)
 
 
+# -- 8. run once -----------------------------------------------------------------------
+
+
+def run_once(ctx: Context) -> Outcome:
+    """RUN_ONCE: copies of a message arrive, each attempt runs once.
+
+    Every stack: each of ``run_once_tasks`` tasks is published twice with the same id (a
+    publish retried after a lost answer). Redis only (``visibility_timeout`` 3 s): long
+    ``acks_late`` tasks (6 s) and tasks held for a broker ETA 8 s ahead are handed out again
+    while the first worker still has them (kombu#337). Two workers; a task may run only once,
+    and the workers' logs must show the copies they refused.
+    """
+    from testproject.demo.tasks import soak_step
+
+    out = Outcome("8 run-once")
+    folder = ctx.folder("run-once")
+    app = _app()
+    harness.purge(app, ctx.queue)
+    redis = ctx.stack == "maria-redis"
+    env = {
+        "FULLDB_RUN_ONCE": "1",
+        "FULLDB_ACKS_LATE": "1",
+        "FULLDB_PREFETCH": "1",
+        "FULLDB_HEARTBEAT": "1",
+        "FULLDB_VISIBILITY_TIMEOUT": "3",
+        "FULLDB_LOGLEVEL": "INFO",  # the copies a worker refuses are logged at INFO
+    }
+    count = ctx.sizes.run_once_tasks
+    with harness.stopping_all(ctx):
+        workers = [
+            harness.start_worker(ctx, f"once{n}", folder, "prefork", 2, **env) for n in (1, 2)
+        ]
+        twice = [str(uuid.uuid4()) for _ in range(count)]
+        for task_id in twice:
+            for _ in range(2):
+                soak_step.apply_async(task_id=task_id, queue=ctx.queue)
+        long_ids: list[str] = []
+        eta_ids: list[str] = []
+        if redis:
+            long_ids = [
+                soak_step.apply_async(kwargs={"pause": 6.0}, queue=ctx.queue).id
+                for _ in range(ctx.sizes.run_once_long_tasks)
+            ]
+            eta_ids = [
+                soak_step.apply_async(countdown=8, queue=ctx.queue).id for _ in range(count // 4)
+            ]
+        ids = twice + long_ids + eta_ids
+        done = harness.wait_until(lambda: harness.count_in(ids, status="SUCCESS") == len(ids), 180)
+        out.check(done, "tasks did not all finish")
+        # Copies keep coming back for a visibility timeout after the last task finished.
+        time.sleep(8 if redis else 2)
+        refused = sum(harness.log_text(w).count("run once:") for w in workers)
+    runs = harness.read_runs(folder)
+    wrong = [i for i in ids if len(runs.get(i, [])) != 1]
+    out.check(not wrong, f"{len(wrong)} tasks did not run exactly once {wrong[:3]}")
+    out.check(refused >= count, f"the workers refused {refused} copies, fewer than {count}")
+    out.figures.update(
+        tasks=len(ids),
+        published_twice=count,
+        redelivered_long=len(long_ids),
+        redelivered_eta=len(eta_ids),
+        copies_refused=refused,
+        ran_once=sum(1 for i in ids if len(runs.get(i, [])) == 1),
+        duplicates=sum(1 for i in ids if len(runs.get(i, [])) > 1),
+    )
+    return out
+
+
+# -- 9. worker killed, recovered by policy --------------------------------------------
+
+#: Seconds after which the soak's senders recover a dead worker's tasks (RECOVER_AFTER).
+RECOVER_AFTER = 3.0
+#: What a policy makes of a task that was running when its worker was killed.
+KILLED_END = {"resend": "SUCCESS", "fail": "FAILURE", "report": "STARTED"}
+_RECOVERY_LINE = re.compile(r"(resent|failed|reported|not replayable|moved on) \d+ \[([^\]]*)\]")
+
+
+def worker_kill_recovery(ctx: Context) -> Outcome:
+    """SIGKILL a ``RUN_ONCE`` worker mid-task under each recovery policy (resend, fail,
+    report): a running sender recovers the dead worker's tasks by itself, and each task
+    ends as its policy says, run no more often than that."""
+    out = Outcome("9 kill-recovery")
+    for policy in ctx.sizes.recovery_policies:
+        _recovery_case(ctx, out, policy)
+    return out
+
+
+def _recovered_ids(log: str) -> dict[str, set[str]]:
+    """outcome -> task ids, from the sender's recovery log lines (``recover_stale``)."""
+    found: dict[str, set[str]] = {}
+    for line in log.splitlines():
+        if "stale tasks of lost workers" in line:
+            for outcome, ids in _RECOVERY_LINE.findall(line):
+                found.setdefault(outcome, set()).update(i for i in ids.split(", ") if i)
+    return found
+
+
+def _recovery_case(ctx: Context, out: Outcome, policy: str) -> None:
+    from django.utils import timezone
+
+    from django_celery_fulldbresult.models import TaskResultMeta
+    from testproject.demo.tasks import soak_step
+
+    folder = ctx.folder(f"kill-recovery-{policy}")
+    # A queue per case (see _worker_kill_case): the victim's messages stay in this case.
+    ctx = dataclasses.replace(ctx, queue=f"{ctx.queue}-recover-{policy}")
+    app = _app()
+    harness.purge(app, ctx.queue)
+    env = {
+        "FULLDB_RUN_ONCE": "1",
+        "FULLDB_ACKS_LATE": "0",
+        "FULLDB_PREFETCH": "1",
+        "FULLDB_HEARTBEAT": "1",
+        "FULLDB_VISIBILITY_TIMEOUT": "6",  # Redis: the victim's unacked messages come back
+        "FULLDB_LOGLEVEL": "INFO",  # copies refused, recovery passes that only report
+    }
+    count = ctx.sizes.recovery_kill_tasks
+    redis = ctx.stack == "maria-redis"
+    with harness.stopping_all(ctx):
+        victim = harness.start_worker(ctx, f"victim-{policy}", folder, "prefork", 2, **env)
+        ids = [
+            soak_step.apply_async(kwargs={"pause": 0.6}, queue=ctx.queue).id for _ in range(count)
+        ]
+
+        def mid_task() -> bool:
+            # Started in the last 0.3 s of its 0.6 s: still running when the kill lands.
+            recent = timezone.now() - timedelta(seconds=0.3)
+            return harness.count_in(ids, status="SUCCESS") >= 1 and bool(
+                harness.count_in(ids, status="STARTED", date_started__gte=recent)
+            )
+
+        out.check(harness.wait_until(mid_task, 60, 0.05), f"{policy}: no task started")
+        harness.kill(victim)
+        harness.group_gone(victim)
+        at_kill = harness.states_of(ids)
+        killed = {i for i, (s, _) in at_kill.items() if s == "STARTED"}
+        received = {i for i, (s, _) in at_kill.items() if s == "RECEIVED"}
+        harness.start_worker(ctx, f"rescuer-{policy}", folder, "prefork", 2, **env)
+        sender = harness.start_sender(
+            ctx,
+            f"sender-{policy}",
+            folder,
+            FULLDB_RECOVER=policy,
+            FULLDB_RECOVER_AFTER=str(RECOVER_AFTER),
+            FULLDB_HEARTBEAT="1",
+            FULLDB_LOGLEVEL="INFO",
+        )
+        # A killed task ends as its policy says, or SUCCESS when the broker gave it back
+        # (its early ack died with the connection); every other task ends SUCCESS.
+        ends = {i: {KILLED_END[policy], "SUCCESS"} if i in killed else {"SUCCESS"} for i in ids}
+
+        def ended() -> bool:
+            states = harness.states_of(ids)
+            return all(states.get(i, ("?", 0))[0] in ends[i] for i in ids)
+
+        out.check(harness.wait_until(ended, 60, 0.5), f"{policy}: tasks did not end in time")
+
+        def moves() -> int:  # any change of a state or a new run
+            states = Counter(s for s, _ in harness.states_of(ids).values())
+            runs = sum(len(v) for v in harness.read_runs(folder).values())
+            return hash((tuple(sorted(states.items())), runs))
+
+        # Copies keep arriving for Redis's visibility timeout (6 s); the victim's heartbeat
+        # has long expired by then (1 s x 3), so find_stale_tasks may judge its rows.
+        quiet = _settled(moves, quiet=8 if redis else 4, timeout=60)
+        out.check(quiet is not None, f"{policy}: tasks kept changing for 60 s")
+        stale = harness.stale_task_ids() & set(ids)
+        sender_log = harness.log_text(sender)
+        worker_log = "".join(harness.log_text(p) for p in ctx.procs if "worker" in str(p.args))
+    states = harness.states_of(ids)
+    runs = harness.read_runs(folder)
+    n = {i: len(runs.get(i, [])) for i in ids}
+    recovered = _recovered_ids(sender_log)
+    resent = recovered.get("resent", set()) & set(ids)
+    failed = recovered.get("failed", set()) & set(ids)
+    reported = recovered.get("reported", set()) & set(ids)
+    status = {i: states.get(i, ("missing", 0))[0] for i in ids}
+    # Given back by the broker and run by the rescuer, not by the policy (RabbitMQ).
+    redelivered = {i for i in killed if status[i] == "SUCCESS" and i not in resent}
+    by_policy = killed - redelivered
+    out.check(bool(killed), f"{policy}: the kill hit no running task")
+    lost = {i for i in ids if status[i] == "PENDING" and not n[i]}
+    wrong_state = [f"{i}:{status[i]}" for i in ids if status[i] not in ends[i]]
+    out.check(not wrong_state, f"{policy}: wrong final state {len(wrong_state)} {wrong_state[:3]}")
+    # A killed task ran once before the kill (none if it died between its STARTED write and
+    # its first line), once more if resent or redelivered; every other task exactly once.
+    allowed = {i: 1 for i in ids}
+    for i in killed:
+        allowed[i] = 2 if status[i] == "SUCCESS" else 1
+    too_many = [f"{i}:{n[i]}" for i in ids if n[i] > allowed[i]]
+    out.check(not too_many, f"{policy}: tasks ran too often {len(too_many)} {too_many[:3]}")
+    never = [i for i in ids if status[i] == "SUCCESS" and not n[i]]
+    out.check(not never, f"{policy}: {len(never)} SUCCESS tasks never ran")
+    out.check(not lost, f"{policy}: {len(lost)} tasks lost (never ran) {harness.why(list(lost))}")
+    unkilled_twice = [i for i in ids if i not in killed and n[i] != 1]
+    out.check(not unkilled_twice, f"{policy}: {len(unkilled_twice)} other tasks ran != once")
+    # The receipt claim must have judged every message (it runs a task unchecked when it
+    # cannot), and every task must stay replayable: it was published with its arguments.
+    unchecked = worker_log.count("run once: could not take")
+    errors = sorted({e[:150] for e in re.findall(r"^[\w.]+Error: .*$", worker_log, re.M)})
+    out.check(not unchecked, f"{policy}: {unchecked} receipts failed, run unchecked {errors[:2]}")
+    not_replayable = recovered.get("not replayable", set()) & set(ids)
+    out.check(not not_replayable, f"{policy}: {len(not_replayable)} tasks not replayable")
+    # The victim's received-but-not-started tasks: run by the rescuer, whatever the policy.
+    out.check(not resent - killed - received, f"{policy}: resent tasks it did not hold")
+    if policy == "resend":
+        out.check(by_policy <= resent, f"{policy}: killed tasks not resent {by_policy - resent}")
+        out.check(not stale, f"{policy}: find_stale_tasks reports {len(stale)} tasks")
+    elif policy == "fail":
+        out.check(failed == by_policy, f"{policy}: failed {failed}, killed {by_policy}")
+        out.check(not resent & killed, f"{policy}: killed tasks resent {resent & killed}")
+        rows = TaskResultMeta.objects.filter(task_id__in=list(by_policy))
+        not_lost = [
+            task_id
+            for task_id, traceback in rows.values_list("task_id", "traceback")
+            if "worker lost" not in (traceback or "")
+            or not isinstance(app.AsyncResult(task_id).result, WorkerLostError)
+        ]
+        out.check(not not_lost, f"{policy}: no WorkerLostError in {not_lost[:3]}")
+        out.check(not stale, f"{policy}: find_stale_tasks reports {len(stale)} tasks")
+    else:
+        out.check(stale == by_policy, f"{policy}: find_stale_tasks reports {stale}, {by_policy}")
+        out.check(by_policy <= reported, f"{policy}: not reported {by_policy - reported}")
+        out.check(not resent & killed, f"{policy}: killed tasks resent {resent & killed}")
+    out.figures[f"{policy}_killed"] = len(killed)
+    out.figures[f"{policy}_received"] = len(received)
+    out.figures[f"{policy}_received_resent"] = len(resent & received)
+    out.figures[f"{policy}_resent"] = len(resent)
+    out.figures[f"{policy}_failed"] = len(failed)
+    out.figures[f"{policy}_reported"] = len(reported)
+    out.figures[f"{policy}_stale"] = len(stale)
+    if redelivered:
+        out.figures[f"{policy}_redelivered"] = len(redelivered)
+
+
 SCENARIOS = {
     "1": load,
     "2": worker_killed,
@@ -538,6 +789,8 @@ SCENARIOS = {
     "5": database_outage,
     "6": races,
     "7": bad_input,
+    "8": run_once,
+    "9": worker_kill_recovery,
 }
 
 

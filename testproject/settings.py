@@ -202,6 +202,16 @@ SILENCED_SYSTEM_CHECKS = []
 if importlib.util.find_spec("django_celery_beat") is None:
     SILENCED_SYSTEM_CHECKS.append("django_celery_fulldbresult.W003")
 DJANGO_CELERY_FULLDBRESULT_WORKER_HEARTBEAT = float(os.environ.get("FULLDB_HEARTBEAT", "2"))
+# The soak suite's senders take a killed sender's claims back sooner than the default.
+if "FULLDB_RECLAIM_AFTER" in os.environ:
+    DJANGO_CELERY_FULLDBRESULT_SCHEDULER_RECLAIM_AFTER = float(os.environ["FULLDB_RECLAIM_AFTER"])
+DJANGO_CELERY_FULLDBRESULT_RUN_ONCE = os.environ.get("FULLDB_RUN_ONCE") == "1"
+# The soak suite's senders recover a killed worker's tasks with one policy for every task
+# (FULLDB_RECOVER: resend, fail or report), sooner than the default (FULLDB_RECOVER_AFTER).
+if "FULLDB_RECOVER" in os.environ:
+    DJANGO_CELERY_FULLDBRESULT_RECOVER = {"*": os.environ["FULLDB_RECOVER"]}
+if "FULLDB_RECOVER_AFTER" in os.environ:
+    DJANGO_CELERY_FULLDBRESULT_RECOVER_AFTER = float(os.environ["FULLDB_RECOVER_AFTER"])
 
 # FULLDB_SCHEDULE_ETA=1: eta/countdown tasks wait in the database (all apps, monkey patch).
 DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA = os.environ.get("FULLDB_SCHEDULE_ETA") == "1"
@@ -216,6 +226,9 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "loggers": {
-        "django_celery_fulldbresult": {"handlers": ["console"], "level": "WARNING"},
+        "django_celery_fulldbresult": {
+            "handlers": ["console"],
+            "level": os.environ.get("FULLDB_LOGLEVEL", "WARNING"),
+        },
     },
 }

@@ -1,4 +1,4 @@
-"""The seven soak and fault scenarios of ``python -m soak`` (soak/), at a smaller size.
+"""The nine soak and fault scenarios of ``python -m soak`` (soak/), at a smaller size.
 
 Real worker, sender and publisher processes on the test database and the stack's broker;
 outages go through soak/faultproxy.py (the services themselves are never stopped). Each test
@@ -60,7 +60,7 @@ def test_killed_worker_tasks_are_reported_or_rerun_with_acks_late(ctx):
     run("2", ctx)
 
 
-def test_killed_sender_never_duplicates_and_leaves_only_reported_claims(ctx):
+def test_killed_senders_claims_come_back_and_every_task_runs_exactly_once(ctx):
     run("3", ctx)
 
 
@@ -78,3 +78,11 @@ def test_races_publish_in_atomic_and_retries_racing_their_retry_write(ctx):
 
 def test_bad_input_gets_clear_errors_and_never_stops_the_table(ctx):
     run("7", ctx)
+
+
+def test_run_once_copies_of_messages_redelivered_or_published_twice_never_run(ctx):
+    run("8", ctx)
+
+
+def test_killed_worker_tasks_are_resent_failed_or_reported_by_policy_by_the_sender(ctx):
+    run("9", ctx)
