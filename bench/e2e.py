@@ -40,6 +40,8 @@ class Config:
     reuse_max: str  # "" (Celery's default) | "1000"
     #: ours only: the publisher writes a PENDING row per task (the testproject's setting).
     track_publish: bool = True
+    #: ours only: RUN_ONCE, the worker takes each attempt in its row before running it.
+    run_once: bool = False
 
     @property
     def label(self) -> str:
@@ -49,18 +51,23 @@ class Config:
         untracked = (
             ", publish tracking off" if self.backend == "ours" and not self.track_publish else ""
         )
-        return f"{self.backend}, {reuse}{untracked}"
+        run_once = ", RUN_ONCE" if self.run_once else ""
+        return f"{self.backend}, {reuse}{untracked}{run_once}"
 
     @property
     def slug(self) -> str:
         backend = "dcr" if self.backend == "django-celery-results" else "ours"
         untracked = "" if self.track_publish else "-untracked"
-        return f"{backend}-reuse{self.reuse_max or 'default'}{untracked}"
+        run_once = "-runonce" if self.run_once else ""
+        return f"{backend}-reuse{self.reuse_max or 'default'}{untracked}{run_once}"
 
     @property
     def env(self) -> dict[str, str]:
         backend = "django-db" if self.backend == "django-celery-results" else "fulldb"
-        return {"FULLDB_BACKEND": backend, "FULLDB_DB_REUSE_MAX": self.reuse_max}
+        env = {"FULLDB_BACKEND": backend, "FULLDB_DB_REUSE_MAX": self.reuse_max}
+        if self.run_once:
+            env["FULLDB_RUN_ONCE"] = "1"
+        return env
 
 
 CONFIGS = [
@@ -68,6 +75,8 @@ CONFIGS = [
     Config("django-celery-results", ""),
     Config("ours", "1000"),
     Config("django-celery-results", "1000"),
+    # The run-once check's cost: the row above with RUN_ONCE (one more UPDATE per task).
+    Config("ours", "1000", run_once=True),
 ]
 #: --untracked: ours without publish tracking, to tell the backend's share from
 #: the publisher's (django-celery-results writes nothing at publish time).
@@ -201,9 +210,11 @@ def run_config(config: Config, tasks: int, rounds: int, timeout: float) -> dict:
         settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = True
     return {
         "label": config.label,
+        "slug": config.slug,
         "backend": config.backend,
         "reuse_max": config.reuse_max,
         "track_publish": config.track_publish,
+        "run_once": config.run_once,
         "tasks_per_s": _common.median(r["tasks_per_s"] for r in runs),
         "tasks_per_s_last_done": _common.median(r["tasks_per_s_last_done"] for r in runs),
         "publish_seconds": _common.median(r["publish_seconds"] for r in runs),
@@ -242,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
         if r["backend"] == "ours":
             ratio = r["tasks_per_s"] / dcr[r["reuse_max"]]["tasks_per_s"]
             key = r["reuse_max"] or "default"
-            ratios[key if r["track_publish"] else f"{key}, untracked"] = ratio
+            key = key if r["track_publish"] else f"{key}, untracked"
+            ratios[f"{key}, run_once" if r["run_once"] else key] = ratio
             ratio_cell = f"**{ratio:.2f}x**"
         else:
             ratio_cell = ""
@@ -281,6 +293,15 @@ def main(argv: list[str] | None = None) -> dict:
             "worker: `" + " ".join(worker_command(f"{NODE_PREFIX}-PID@127.0.0.1")[1:]) + "`",
         ],
     }
+    plain = next((r for r in results if r["slug"] == "ours-reuse1000"), None)
+    checked = next((r for r in results if r["slug"] == "ours-reuse1000-runonce"), None)
+    if plain and checked:
+        ratios["run_once / without"] = checked["tasks_per_s"] / plain["tasks_per_s"]
+        section["notes"].append(
+            f"RUN_ONCE costs {1 - ratios['run_once / without']:.1%} of end-to-end tasks/s "
+            f"({checked['tasks_per_s']:,.0f} vs {plain['tasks_per_s']:,.0f}; one UPDATE per "
+            "task in the worker's main process)"
+        )
     result = {"name": "e2e", "sections": [section], "configs": results, "ratios": ratios}
     _common.finish("e2e", result, args.json_out)
     return result

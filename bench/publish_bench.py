@@ -1,11 +1,22 @@
-"""What publish tracking costs ``apply_async``: tracked vs plain, in the same process.
+"""What publish tracking and transactional publish cost ``apply_async``, against plain
+``apply_async``, in the same process.
 
 RabbitMQ + PostgreSQL, in a database, a queue and a var dir of their own
 (``fulldb_bench_publish``, ``bench_publish``, ``/tmp/fulldb-bench-publish``); nothing
 consumes the queue (it is purged after every round). One process, the way a web view
 publishes: ``add.apply_async((i, i), queue=...)`` in a loop of ``--tasks`` calls (default
-2,000), alternately with ``DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH`` off (plain) and on
-(tracked), ``--rounds`` times (default 5), after a warm-up of each. Reported:
+2,000), the modes alternating, ``--rounds`` times (default 5), after a warm-up of each:
+
+* plain: ``DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH`` off;
+* tracked: on (a PENDING row per call, written behind);
+* plain, each call in its own ``transaction.atomic()``: what the transaction alone costs;
+* transactional: ``TRANSACTIONAL_PUBLISH`` (with ``SCHEDULE_ETA`` and the interception
+  installed, tracking off), each call in its own ``transaction.atomic()`` (a web request
+  that sends one task): the row written in the transaction, then, after the commit, the
+  hook's claim, publish with a broker confirm, and record;
+* transactional x100: the same, 100 calls per transaction (one hook sends them together).
+
+Reported:
 
 * ms per call: the loop's wall time / calls, median of the rounds, for both modes; the
   difference is what tracking adds to each ``apply_async``;
@@ -13,7 +24,8 @@ publishes: ``add.apply_async((i, i), queue=...)`` in a loop of ``--tasks`` calls
   read back by a COUNT from the benchmark's connection), from the start of the loop:
   tracking's rows are written after the publish returns when the writer is asynchronous,
   so this is when the record is complete;
-* rows found: every tracked call must leave exactly one PENDING row.
+* rows found: every tracked call must leave exactly one PENDING row, every transactional
+  call one SCHEDULED_SENT row (published, confirmed and recorded).
 
     python bench/publish_bench.py [--tasks 2000] [--rounds 5] [--json-out FILE]
 """
@@ -47,22 +59,47 @@ def purge(app) -> None:
         bound.purge()
 
 
-def one_loop(app, add, tasks: int, tracked: bool) -> dict[str, float]:
-    from django.conf import settings
-    from django.db import connection
+#: mode -> (TRACK_PUBLISH, TRANSACTIONAL_PUBLISH, calls per transaction; 0: none).
+MODES = {
+    "plain": (False, False, 0),
+    "tracked": (True, False, 0),
+    "plain_atomic": (False, False, 1),
+    "transactional": (False, True, 1),
+    "transactional_x100": (False, True, 100),
+}
 
-    from django_celery_fulldbresult import publish
+
+def one_loop(app, add, tasks: int, mode: str) -> dict[str, float]:
+    from django.conf import settings
+    from django.db import connection, transaction
+
+    from django_celery_fulldbresult import SCHEDULED_SENT, publish, scheduler
     from django_celery_fulldbresult.models import TaskResultMeta
 
+    tracked, transactional, per_transaction = MODES[mode]
     settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = tracked
+    settings.DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA = transactional
+    settings.DJANGO_CELERY_FULLDBRESULT_TRANSACTIONAL_PUBLISH = transactional
+    if transactional:
+        scheduler.install(app)
+    else:
+        scheduler.uninstall(app)
     _common.truncate(_common.TASK_TABLE)
     purge(app)
     ids = []
     start = time.perf_counter()
-    for i in range(tasks):
-        ids.append(add.apply_async((i, i), queue=QUEUE).id)
+    if per_transaction:
+        for first in range(0, tasks, per_transaction):
+            with transaction.atomic():
+                for i in range(first, min(tasks, first + per_transaction)):
+                    ids.append(add.apply_async((i, i), queue=QUEUE).id)
+    else:
+        for i in range(tasks):
+            ids.append(add.apply_async((i, i), queue=QUEUE).id)
     loop = time.perf_counter() - start
     result = {"loop_s": loop, "ms_per_call": loop * 1000 / tasks}
+    if transactional:
+        result["rows"] = TaskResultMeta.objects.filter(status=SCHEDULED_SENT).count()
     if tracked:
         deadline = time.monotonic() + 60
         found = 0
@@ -90,18 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     from testproject.celery_app import app
     from testproject.demo.tasks import add
 
-    runs: dict[str, list[dict[str, float]]] = {"plain": [], "tracked": []}
-    for tracked in (False, True):  # warm-up: connections, the queue declared, caches
-        one_loop(app, add, 200, tracked)
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    for mode in MODES:  # warm-up: connections, the queue declared, caches
+        one_loop(app, add, 200, mode)
     for _ in range(args.rounds):
-        for mode in ("plain", "tracked"):
-            runs[mode].append(one_loop(app, add, args.tasks, mode == "tracked"))
+        for mode in MODES:
+            runs[mode].append(one_loop(app, add, args.tasks, mode))
 
-    plain = statistics.median(r["ms_per_call"] for r in runs["plain"])
-    tracked = statistics.median(r["ms_per_call"] for r in runs["tracked"])
+    median = {mode: statistics.median(r["ms_per_call"] for r in runs[mode]) for mode in MODES}
+    plain, tracked = median["plain"], median["tracked"]
     complete = statistics.median(r["complete_s"] for r in runs["tracked"])
     rows_ok = all(r["rows"] == args.tasks for r in runs["tracked"])
+    outbox_ok = all(
+        r["rows"] == args.tasks for m in ("transactional", "transactional_x100") for r in runs[m]
+    )
     added = tracked - plain
+    outbox_added = median["transactional"] - median["plain_atomic"]
     section = {
         "title": f"Publish tracking: {args.tasks:,} apply_async calls, tracked vs plain",
         "text": (
@@ -130,12 +171,34 @@ def main(argv: list[str] | None = None) -> int:
                 f"{complete:.2f}",
                 " / ".join(f"{r['rows']:,}" for r in runs["tracked"]),
             ],
+            *[
+                [
+                    label,
+                    f"{median[mode]:.3f}",
+                    " / ".join(f"{r['ms_per_call']:.3f}" for r in runs[mode]),
+                    "",
+                    " / ".join(f"{r['rows']:,}" for r in runs[mode])
+                    if "rows" in runs[mode][0]
+                    else "",
+                ]
+                for mode, label in (
+                    ("plain_atomic", "plain, one call per atomic()"),
+                    ("transactional", "transactional publish, one call per atomic()"),
+                    ("transactional_x100", "transactional publish, 100 calls per atomic()"),
+                )
+            ],
         ],
         "notes": [
             f"tracking adds **{added:.3f} ms** per apply_async (budget {BUDGET_MS} ms: "
             f"**{'met' if added <= BUDGET_MS else 'NOT met'}**); ratio tracked / plain "
             f"{tracked / plain:.2f}",
             f"every tracked call left its PENDING row: **{'yes' if rows_ok else 'NO'}**",
+            f"transactional publish adds **{outbox_added:.3f} ms** per apply_async to the same "
+            f"call in its own atomic() (its row, the on-commit claim, the confirmed publish and "
+            f"the record); {median['transactional_x100'] - plain:+.3f} ms against plain when "
+            "100 calls share a transaction",
+            f"every transactional call was published and recorded (SCHEDULED_SENT): "
+            f"**{'yes' if outbox_ok else 'NO'}**",
         ],
     }
     result = {
@@ -146,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         "added_ms": added,
         "complete_s": complete,
         "rows_ok": rows_ok,
+        "transactional_ms": median["transactional"],
+        "plain_atomic_ms": median["plain_atomic"],
+        "transactional_x100_ms": median["transactional_x100"],
+        "transactional_added_ms": outbox_added,
+        "transactional_ok": outbox_ok,
         "runs": runs,
     }
     _common.finish("publish", result, args.json_out)

@@ -171,7 +171,7 @@ def headline(results: dict[str, dict]) -> str:
         by_key = {
             (c["backend"], c["reuse_max"]): c
             for c in e2e["configs"]
-            if c.get("track_publish", True)
+            if c.get("track_publish", True) and not c.get("run_once")
         }
         for reuse, label in (
             ("", "Celery default (close per task)"),
@@ -188,6 +188,17 @@ def headline(results: dict[str, dict]) -> str:
                         f"**{ours['tasks_per_s'] / dcr['tasks_per_s']:.2f}x**",
                     ]
                 )
+        checked = next((c for c in e2e["configs"] if c.get("run_once")), None)
+        plain = by_key.get(("ours", "1000"))
+        if checked and plain:
+            rows.append(
+                [
+                    "end-to-end tasks/s, DB_REUSE_MAX=1000, RUN_ONCE (anchor: ours without it)",
+                    checked["tasks_per_s"],
+                    plain["tasks_per_s"],
+                    f"**{checked['tasks_per_s'] / plain['tasks_per_s']:.2f}x**",
+                ]
+            )
     stale = results.get("stale")
     if stale and not stale.get("failed"):
         case = stale["cases"][0]
@@ -248,6 +259,16 @@ def headline(results: dict[str, dict]) -> str:
                 f"{publish['plain_ms'] / publish['tracked_ms']:.2f}x",
             ]
         )
+        if "transactional_ms" in publish:
+            rows.append(
+                [
+                    "transactional publish: ms per apply_async, one call per atomic() / 100 "
+                    "calls per atomic() (vs plain in atomic())",
+                    f"{publish['transactional_ms']:.3f} / {publish['transactional_x100_ms']:.3f}",
+                    f"{publish['plain_atomic_ms']:.3f}",
+                    f"{publish['plain_atomic_ms'] / publish['transactional_ms']:.2f}x",
+                ]
+            )
     failed = [name for name, r in results.items() if r.get("failed")]
     text = (
         "Baseline: django-celery-results for the result backend rows; Celery without the "
