@@ -308,6 +308,7 @@ def test_run_once_the_first_receipt_stores_the_call_as_the_worker_would(
     assert "4111" not in str(stored.argsrepr) + str(stored.args)
     assert "could not take" not in caplog.text  # each receipt wrote its row
 
+
 def test_run_once_a_row_written_just_after_a_failed_take_is_taken(
     run_once, celery_app, monkeypatch
 ):
