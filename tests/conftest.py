@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -149,9 +148,6 @@ def worker(django_db_setup, django_db_blocker, celery_app) -> Iterator[object]:
             perform_ping_check=False,
             loglevel="WARNING",
             shutdown_timeout=30,
-            # A node name per queue prefix: runs side by side on one RabbitMQ would share
-            # the default name's pidbox queue (RESOURCE_LOCKED, a hung start).
-            hostname=f"{QUEUE_PREFIX}@{socket.gethostname()}",
         ) as running,
     ):
         # Celery's test worker sends no worker_ready: its heartbeat starts here, as a real
