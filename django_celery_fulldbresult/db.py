@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from django.conf import settings
 from django.core import mail
@@ -41,6 +42,7 @@ from .green import green_pool, on_statement_runner, statement_runner
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 HIDDEN_PREFIX = "__fulldbresult__"
 
@@ -350,32 +352,56 @@ def run_with_reconnect(operation: Callable[[str], T], using: str | None = None) 
     return on_statement_thread(lambda: _run_with_reconnect(operation, using))
 
 
+def retry_deadlocks(
+    operation: Callable[Concatenate[str, P], T],
+) -> Callable[Concatenate[str, P], T]:
+    """``operation(using, ...)``, run again at once when the server chose it as a deadlock
+    victim (``is_deadlock``: its statement or transaction was rolled back whole), at most
+    ``DEADLOCK_ATTEMPTS`` times: MySQL's advice for every deadlock.
+
+    For an operation that is one statement, or one transaction of its own, and safe to
+    repeat. Inside a caller's transaction nothing is retried: the transaction is lost whole
+    and the caller must know.
+    """
+
+    @functools.wraps(operation)
+    def run(using: str, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        deadlocks = 0
+        while True:
+            try:
+                return operation(using, *args, **kwargs)
+            except OperationalError as exc:
+                if (
+                    not is_deadlock(exc)
+                    or deadlocks >= DEADLOCK_ATTEMPTS
+                    or connections[using].in_atomic_block
+                ):
+                    raise
+                deadlocks += 1
+                logger.info("task table: deadlock victim, running it again: %s", exc)
+
+    return run
+
+
 def _run_with_reconnect(operation: Callable[[str], T], using: str | None) -> T:
     """Run ``operation(alias)``; after a lost connection, run it again on a new one.
 
     Only statements that are safe to repeat go through here (the upserts are idempotent
     under the precedence rules, chord parts are counted once). At most
-    ``RECONNECT_ATTEMPTS`` retries for connection-level errors (``is_connection_error``),
-    and ``DEADLOCK_ATTEMPTS`` at once, on the same connection, for a deadlock victim
-    (``is_deadlock``: the server rolled it back whole); a lock or statement timeout is
-    raised at once. Inside a caller's transaction nothing is retried: the transaction is
-    already lost and the caller must know.
+    ``RECONNECT_ATTEMPTS`` retries for connection-level errors (``is_connection_error``);
+    a deadlock victim is run again at once on the same connection (``retry_deadlocks``); a
+    lock or statement timeout is raised at once. Inside a caller's transaction nothing is
+    retried: the transaction is already lost and the caller must know.
     """
     if using is None or is_own_alias(using):
         using = write_alias()  # this thread's own connection, created on first use
+    rerun = retry_deadlocks(operation)
     attempt = 0
-    deadlocks = 0
     while True:
         try:
-            return operation(using)
+            return rerun(using)
         except (OperationalError, InterfaceError) as exc:
-            if connections[using].in_atomic_block:
-                raise
-            if is_deadlock(exc) and deadlocks < DEADLOCK_ATTEMPTS:
-                deadlocks += 1
-                logger.info("task table: deadlock victim, running it again: %s", exc)
-                continue
-            if not is_connection_error(exc, using):
+            if connections[using].in_atomic_block or not is_connection_error(exc, using):
                 raise
             close_quietly(using)  # the next statement, here or the caller's, reconnects
             if attempt >= RECONNECT_ATTEMPTS:

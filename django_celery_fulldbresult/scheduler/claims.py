@@ -3,7 +3,10 @@
 The conditions ("due, unclaimed, unexpired", "claimed by this token") are the task
 QuerySet's (``managers.TaskResultQuerySet``); the PostgreSQL claim compiles the same
 QuerySet into its single statement. Every function takes the database alias to run on:
-the sender's own connection, never a caller's transaction.
+the sender's own connection, never a caller's transaction. Each is one statement or one
+short transaction of its own, safe to repeat: a deadlock victim is run again at once
+(``db.retry_deadlocks``; MariaDB picks a sender's record when a worker's receipt updates a
+row of its batch at the same moment).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ def rows(using: str):
     return TaskResultMeta.objects.using(using)
 
 
+@db.retry_deadlocks
 def claim(using: str, token: uuid.UUID, batch_size: int) -> list[ClaimedRow]:
     """Atomically claim up to ``batch_size`` rows ready to send for ``token``; by eta.
 
@@ -107,6 +111,16 @@ def _claim_returning(using: str, token: uuid.UUID, batch_size: int) -> list[Clai
     return claimed  # type: ignore[return-value]
 
 
+@db.retry_deadlocks
+def claim_tasks(using: str, token: uuid.UUID, task_ids: list[str]) -> list[ClaimedRow]:
+    """Claim these tasks for ``token`` when they wait unclaimed and unexpired (``send_now``:
+    sent before their eta); what was claimed."""
+    waiting = rows(using).filter(task_id__in=task_ids).scheduled().unclaimed()
+    waiting.unexpired().claim(token)
+    return claimed_values(rows(using).filter(task_id__in=task_ids).claimed(token))
+
+
+@db.retry_deadlocks
 def claim_expired(using: str, token: uuid.UUID) -> list[dict[str, Any]]:
     """Claim due rows whose ``expires`` passed (to revoke them); one UPDATE when none."""
     if not rows(using).expired_unsent().claim(token):
@@ -116,6 +130,7 @@ def claim_expired(using: str, token: uuid.UUID) -> list[dict[str, Any]]:
     )
 
 
+@db.retry_deadlocks
 def mark_sent(using: str, token: uuid.UUID, ids: list[int]) -> int:
     """Rows still SCHEDULED under our claim become SCHEDULED_SENT (a row the worker, a
     revoke or a cancel already moved on is left as it is)."""
@@ -124,6 +139,7 @@ def mark_sent(using: str, token: uuid.UUID, ids: list[int]) -> int:
     return rows(using).filter(id__in=ids).scheduled().claimed(token).mark_sent()
 
 
+@db.retry_deadlocks
 def release(using: str, token: uuid.UUID, ids: list[int] | None = None) -> int:
     """Give rows back to later passes: these ids, or every row ``token`` still holds."""
     held = rows(using).scheduled().claimed(token)
@@ -134,16 +150,19 @@ def release(using: str, token: uuid.UUID, ids: list[int] | None = None) -> int:
     return held.release()
 
 
+@db.retry_deadlocks
 def release_except(using: str, token: uuid.UUID, kept: list[int]) -> int:
     """Give back every row ``token`` holds but ``kept`` (the ledger's settling)."""
     return rows(using).scheduled().claimed(token).exclude(id__in=kept).release()
 
 
+@db.retry_deadlocks
 def fail(using: str, token: uuid.UUID, row_id: int, error: BaseException) -> int:
     """A claimed row that cannot be forwarded becomes FAILURE, with the reason."""
     return rows(using).filter(id=row_id).scheduled().claimed(token).update(**failed_columns(error))
 
 
+@db.retry_deadlocks
 def renew(using: str, tokens: list[uuid.UUID]) -> int:
     """The lease of every row these tokens still hold starts again (a live sender)."""
     if not tokens:
@@ -151,6 +170,7 @@ def renew(using: str, tokens: list[uuid.UUID]) -> int:
     return rows(using).scheduled().filter(scheduled_id__in=tokens).renew()
 
 
+@db.retry_deadlocks
 def reclaim(using: str, lease: timedelta) -> tuple[int, list[str]]:
     """Give back the claims of senders gone for ``lease`` (they stopped renewing them): how
     many, and up to 20 of their task ids (for the log). The rows become ready to send again:

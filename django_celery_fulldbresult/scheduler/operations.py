@@ -18,7 +18,7 @@ from celery import current_app
 from .. import conf, db
 from ..db import DatabaseNow
 from . import claims, revoke
-from .rows import ClaimedRow, PassResult, claimed_values
+from .rows import ClaimedRow, PassResult
 from .sender import Sender, refuse_in_sqlite_transaction
 
 #: Outcomes of ``send_now``, per task id.
@@ -54,14 +54,9 @@ def send_now(
     with contextlib.nullcontext(sender) if sender is not None else Sender(app, using) as sender:
         token = uuid.uuid4()
 
-        def take(alias: str) -> list[ClaimedRow]:
-            waiting = claims.rows(alias).filter(task_id__in=task_ids).scheduled().unclaimed()
-            waiting.unexpired().claim(token)
-            return claimed_values(claims.rows(alias).filter(task_id__in=task_ids).claimed(token))
-
         sender.leases.hold(token)  # held (renewed) until recorded, as a sender's batch
         try:
-            rows = sender.database.run(take, using)
+            rows = sender.database.run(claims.claim_tasks, using, token, task_ids)
             if not rows:
                 return outcomes
             published = sender.publisher.publish(rows, token)

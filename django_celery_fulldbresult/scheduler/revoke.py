@@ -72,6 +72,14 @@ def revoke_waiting(
 
 def expire_due(app: Any, using: str) -> int:
     """Revoke due rows whose ``expires`` passed: they are never sent."""
+    expired = _revoke_expired(using)
+    report_to_chords(app, expired, EXPIRED)
+    return len(expired)
+
+
+@db.retry_deadlocks
+def _revoke_expired(using: str) -> list[dict[str, Any]]:
+    """Claim and revoke the expired rows, in one transaction; what it revoked."""
     token = uuid.uuid4()
     with transaction.atomic(using=using):
         expired = claims.claim_expired(using, token)
@@ -79,8 +87,7 @@ def expire_due(app: Any, using: str) -> int:
             claims.rows(using).filter(id__in=[row["id"] for row in expired]).claimed(token).update(
                 **revoked_columns(EXPIRED), scheduled_id=None, date_claimed=None
             )
-    report_to_chords(app, expired, EXPIRED)
-    return len(expired)
+    return expired
 
 
 def report_to_chords(app: Any, revoked: list[dict[str, Any]], reason: str) -> None:
