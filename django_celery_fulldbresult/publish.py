@@ -19,8 +19,10 @@ insert-if-absent on the dedicated autocommit connection:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from celery import current_app
@@ -69,7 +71,7 @@ def on_before_publish(
             hide_secret_reprs(app, sender, body, headers)
         except Exception:  # noqa: BLE001 - never stop a publish; the worker hides them too
             logger.exception("secret tasks: could not check the reprs of %s", sender)
-    if not conf.track_publish() or scheduler.is_forwarding():
+    if not (conf.track_publish() or recording_now()) or scheduler.is_forwarding():
         return  # the scheduler's own sends already have their row
     try:
         headers = headers if headers is not None else (body if isinstance(body, dict) else {})
@@ -111,6 +113,24 @@ def on_after_publish(
         )
 
 
+@contextlib.contextmanager
+def recorded_now() -> Iterator[dict[str, Any]]:
+    """Track the publishes of this block whatever ``TRACK_PUBLISH`` says, each PENDING row
+    written before ``apply_async`` returns (never behind): the Django Tasks backend's
+    ``enqueue``, whose ``get_result`` must find the row at once. Yields a dict that holds
+    the values of the last row written (``date_submitted``: the time it was enqueued)."""
+    previous = getattr(_pending, "now", None)
+    _pending.now = written = {}
+    try:
+        yield written
+    finally:
+        _pending.now = previous
+
+
+def recording_now() -> bool:
+    return getattr(_pending, "now", None) is not None
+
+
 def joins_callers_transaction() -> bool:
     """On SQLite inside a transaction the row joins the caller's transaction.
 
@@ -148,7 +168,11 @@ def record(values: dict[str, Any]) -> None:
     helper thread: Django refuses database calls in an event loop's thread.
     """
     values = {**values, "status": PENDING}
-    if writes_behind() and publish_writer.writer.submit(values):
+    now = getattr(_pending, "now", None)
+    if now is not None:
+        now.clear()
+        now.update(values)
+    elif writes_behind() and publish_writer.writer.submit(values):
         return
     if db.in_event_loop():  # the alias is the helper thread's own
         db.outside_event_loop(lambda: _record(values, db.write_alias()))

@@ -306,6 +306,11 @@ def from_request(app: Any, request: Any) -> dict[str, Any]:
     return values
 
 
+#: A request attribute: the ``meta`` a running task keeps in its row, written with each of
+#: its state writes (the Django tasks runner's ``workers``), beside the backend's children.
+ROW_META = "fulldb_row_meta"
+
+
 def request_retries(request: Any) -> int | None:
     retries = getattr(request, "retries", None)
     return None if retries is None else int(retries)

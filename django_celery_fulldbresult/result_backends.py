@@ -209,7 +209,7 @@ class DatabaseResultBackend(BaseBackend):
             "content_type": encoded.content_type,
             "content_encoding": encoded.content_encoding,
             "traceback": serialization.text_safe(traceback),
-            "meta": serialization.dumps({"children": children}) if children else None,
+            "meta": _row_meta(request if own_request else None, children),
             "date_done": now if state in states.READY_STATES else None,
             "date_started": now if state == states.STARTED else None,
             "date_modified": now,
@@ -580,3 +580,12 @@ def _chord_error(reason: str, cause: BaseException) -> ChordError:
     error = ChordError(reason)
     error.__cause__ = cause
     return error
+
+
+def _row_meta(request: Any, children: list[Any]) -> str | None:
+    """The ``meta`` column of a write: what the running task keeps there
+    (``records.ROW_META`` on its request), and its children."""
+    meta = dict(getattr(request, records.ROW_META, None) or {})
+    if children:
+        meta["children"] = children
+    return serialization.dumps(meta) if meta else None
