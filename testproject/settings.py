@@ -232,3 +232,23 @@ LOGGING = {
         },
     },
 }
+
+# Django's Tasks framework (Django 6.0+, or the django-tasks backport) on the Celery workers:
+# testproject/demo/jobs.py holds @task functions (tests/test_django_tasks.py).
+HAS_DJANGO_TASKS = bool(
+    importlib.util.find_spec("django.tasks") or importlib.util.find_spec("django_tasks")
+)
+if HAS_DJANGO_TASKS:
+    TASKS = {
+        "default": {
+            "BACKEND": "django_celery_fulldbresult.django_tasks.CeleryBackend",
+            "QUEUES": [
+                "default",
+                f"{CELERY_TASK_DEFAULT_QUEUE}-held",
+                f"{CELERY_TASK_DEFAULT_QUEUE}-django-tasks",
+            ],
+            "OPTIONS": {"CELERY_APP": "testproject.celery_app.app"},
+        }
+    }
+    # Workers import the module (Celery's autodiscovery imports tasks.py modules only).
+    CELERY_IMPORTS = ["testproject.demo.jobs"]
