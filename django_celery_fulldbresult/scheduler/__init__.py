@@ -11,19 +11,21 @@ A row's life (``status``, and ``scheduled_id``: the token of the sender holding 
     SCHEDULED           due, expired                          REVOKED             revoke
     SCHEDULED           cancel, AsyncResult.revoke()          REVOKED             revoke
     SCHEDULED, claimed  the broker confirmed it               SCHEDULED_SENT      sender
-    SCHEDULED, claimed  ... and its result is ignored         (row deleted)       sender
     SCHEDULED, claimed  the broker refused it, or failed      SCHEDULED           sender
     SCHEDULED, claimed  its stored call cannot be decoded     FAILURE             sender
-    SCHEDULED, claimed  no confirm came / the sender died     stays claimed       (stale)
+    SCHEDULED, claimed  no confirm came / the sender died     SCHEDULED (lease)   claims
     SCHEDULED, claimed  AsyncResult.revoke()                  REVOKED             revoke
     SCHEDULED, claimed  --resend, once the claim is old       as above            operations
     SCHEDULED_SENT      the worker runs it                    STARTED, ...        backend
+    SCHEDULED_SENT      received, its result ignored          (row deleted)       receipt
 
 The conditions are written once, as the task QuerySet's vocabulary
 (``ready_to_send()``: due, unclaimed, unexpired; ``claimed(token)``; ``release()``;
-``mark_sent()``), and the PostgreSQL claim compiles the same QuerySet. A claim is
-at most once: a sender that dies between claim and record leaves its rows claimed,
-reported by ``find_stale_scheduled_tasks``, never resent by itself.
+``mark_sent()``), and the PostgreSQL claim compiles the same QuerySet. A claim is a
+lease its sender renews: the claims of a sender that died between claim and record come
+back to the other senders after ``SCHEDULER_RECLAIM_AFTER`` (``lease_expired``), and the
+worker runs each attempt once (``receipt``). With the setting at 0 a claim is at most
+once: such rows stay claimed, reported by ``find_stale_scheduled_tasks``.
 
 Modules, one concern each:
 
