@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 from celery import Celery, states
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.db import transaction
 from django.utils import timezone
@@ -437,4 +438,25 @@ def test_a_celery_app_without_the_packages_result_backend_fails_the_check():
     backend = CeleryBackend("other", {"OPTIONS": {"CELERY_APP": f"{__name__}.OTHER_APP"}})
     assert not backend.supports_get_result
     assert [message.id for message in backend.check()] == ["django_celery_fulldbresult.E003"]
+    with pytest.raises(NotImplementedError, match="result backend"):
+        backend.get_result(str(uuid.uuid4()))
+    with pytest.raises(ImproperlyConfigured, match="CELERY_APPS"):
+        CeleryBackend("typo", {"OPTIONS": {"CELERY_APPS": "proj.celery.app"}})
     assert task_backends["default"].check() == []
+
+
+def test_celery_eager_mode_runs_django_tasks_at_enqueue(celery_app):
+    """A project's test settings with CELERY_TASK_ALWAYS_EAGER (and the result stored): the
+    task runs inside enqueue and get_result reads it back."""
+    celery_app.conf.task_always_eager = celery_app.conf.task_store_eager_result = True
+    try:
+        result = jobs.add.enqueue(6, 7)
+        failed = jobs.fail.enqueue("eager")
+    finally:
+        celery_app.conf.task_always_eager = celery_app.conf.task_store_eager_result = False
+    result.refresh()
+    assert result.status == TaskResultStatus.SUCCESSFUL and result.return_value == 13
+    assert result.args == [6, 7] and result.attempts == 1
+    failed.refresh()
+    assert failed.status == TaskResultStatus.FAILED
+    assert failed.errors[0].exception_class_path == "builtins.ValueError"

@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import current_app
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -61,7 +62,10 @@ class CeleryBackend(BaseTaskBackend):
         super().__init__(alias, params)
         unknown = set(self.options) - {"CELERY_APP"}
         if unknown:
-            raise InvalidTask(f"Unknown OPTIONS for {type(self).__name__}: {sorted(unknown)}")
+            raise ImproperlyConfigured(
+                f"TASKS[{alias!r}]: unknown OPTIONS for {type(self).__name__}: {sorted(unknown)} "
+                '(it takes "CELERY_APP")'
+            )
 
     # -- what the backend can do, from the Celery app's configuration ------------------
 
@@ -174,6 +178,11 @@ class CeleryBackend(BaseTaskBackend):
         return options
 
     def get_result(self, result_id: str) -> TaskResult:
+        if not self.supports_get_result:  # check E003
+            raise NotImplementedError(
+                f"The tasks backend {self.alias!r} reads results from the package's result "
+                "backend, which its Celery app does not use."
+            )
         row = db.run_with_reconnect(
             lambda using: (
                 TaskResultMeta.objects.using(using)
