@@ -121,6 +121,17 @@ def test_enqueue_writes_the_row_then_the_worker_runs_it(celery_app):
 
 
 @pytest.mark.usefixtures("worker")
+def test_a_running_task_is_running_with_its_start_and_worker(celery_app):
+    assert runner.celery_task(jobs.sleeps, celery_app).track_started  # whatever the app says
+    result = jobs.sleeps.enqueue(1.5)
+    wait_for(lambda: jobs.sleeps.get_result(result.id).status == TaskResultStatus.RUNNING)
+    running = jobs.sleeps.get_result(result.id)
+    assert running.started_at is not None and running.finished_at is None
+    assert running.worker_ids == [row(result.id).hostname] and running.attempts == 1
+    assert finished(result).return_value == 1.5
+
+
+@pytest.mark.usefixtures("worker")
 def test_a_failure_gives_the_exception_class_and_traceback():
     result = finished(jobs.fail.enqueue("boom"))
     assert result.status == TaskResultStatus.FAILED

@@ -54,8 +54,9 @@ class DjangoTask(ScheduledTask):
     serializer = "json"
     #: The backend checks a call against the function's own signature at enqueue.
     typing = False
-    #: Django's ``get_result`` reads what the worker stored.
+    #: Django's ``get_result`` reads what the worker stored: RUNNING and ``started_at`` too.
     ignore_result = False
+    track_started = True
 
 
 def register(task: Any) -> None:

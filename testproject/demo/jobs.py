@@ -82,3 +82,11 @@ def needs_marker(marker):
 def enqueues_another(a, b):
     """A task that enqueues one (Celery lists it among the parent's children)."""
     return add.enqueue(a, b).id
+
+
+@task
+def sleeps(seconds):
+    import time
+
+    time.sleep(seconds)
+    return seconds
