@@ -10,7 +10,12 @@ whatever happens (Ctrl-C included).
 
 Configurations: ours and django-celery-results, each with Celery's default
 connection handling (``CELERY_DB_REUSE_MAX`` unset: the Django fixup closes the
-connections around every task) and with ``CELERY_DB_REUSE_MAX=1000``.
+connections around every task) and with ``CELERY_DB_REUSE_MAX=1000``; ours with
+``CELERY_DB_REUSE_MAX=1000`` and RUN_ONCE; and ours with ``CELERY_DB_REUSE_MAX=1000``
+running Django's ``@task`` ``testproject.demo.jobs.add`` (``jobs.add.enqueue(i, i)``
+through ``django_tasks.CeleryBackend``, to Django's ``"default"`` queue, which is the
+Celery app's default queue: ``bench``, the one the worker consumes) instead of the Celery
+task ``add``: the same worker setup, measured the same way.
 
     python bench/e2e.py [--tasks 2000] [--rounds 3] [--json-out FILE]
 """
@@ -42,6 +47,8 @@ class Config:
     track_publish: bool = True
     #: ours only: RUN_ONCE, the worker takes each attempt in its row before running it.
     run_once: bool = False
+    #: ours only: Django's @task ``jobs.add`` (``enqueue``) instead of the Celery task ``add``.
+    django_task: bool = False
 
     @property
     def label(self) -> str:
@@ -52,14 +59,16 @@ class Config:
             ", publish tracking off" if self.backend == "ours" and not self.track_publish else ""
         )
         run_once = ", RUN_ONCE" if self.run_once else ""
-        return f"{self.backend}, {reuse}{untracked}{run_once}"
+        django_task = ", Django @task (enqueue)" if self.django_task else ""
+        return f"{self.backend}, {reuse}{untracked}{run_once}{django_task}"
 
     @property
     def slug(self) -> str:
         backend = "dcr" if self.backend == "django-celery-results" else "ours"
         untracked = "" if self.track_publish else "-untracked"
         run_once = "-runonce" if self.run_once else ""
-        return f"{backend}-reuse{self.reuse_max or 'default'}{untracked}{run_once}"
+        django_task = "-djangotask" if self.django_task else ""
+        return f"{backend}-reuse{self.reuse_max or 'default'}{untracked}{run_once}{django_task}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -77,6 +86,8 @@ CONFIGS = [
     Config("django-celery-results", "1000"),
     # The run-once check's cost: the row above with RUN_ONCE (one more UPDATE per task).
     Config("ours", "1000", run_once=True),
+    # Django's @task on the same worker setup as ours, DB_REUSE_MAX=1000 (its anchor).
+    Config("ours", "1000", django_task=True),
 ]
 #: --untracked: ours without publish tracking, to tell the backend's share from
 #: the publisher's (django-celery-results writes nothing at publish time).
@@ -154,6 +165,12 @@ def publish(task, count: int, offset: int = 0) -> None:
             task.apply_async((i, i), producer=producer)
 
 
+def enqueue(job, count: int, offset: int = 0) -> None:
+    """Django's ``job.enqueue`` (no producer to pass: each call takes one from the pool)."""
+    for i in range(offset, offset + count):
+        job.enqueue(i, i)
+
+
 # -- one configuration --------------------------------------------------------
 
 
@@ -161,6 +178,7 @@ def run_config(config: Config, tasks: int, rounds: int, timeout: float) -> dict:
     from django.conf import settings
 
     from testproject.celery_app import app
+    from testproject.demo import jobs
     from testproject.demo.tasks import add, noop
 
     # Publish tracking (a PENDING row per sent task, written by the publisher)
@@ -177,16 +195,23 @@ def run_config(config: Config, tasks: int, rounds: int, timeout: float) -> dict:
     runs = []
     try:
         worker.start()
-        # Warm-up: both pool processes import, connect and run a few tasks.
-        with app.producer_or_acquire() as producer:
-            for _ in range(20):
-                noop.apply_async(producer=producer)
+        # Warm-up: both pool processes import, connect and run a few tasks (Django's own
+        # @task for its configuration: its first calls in a process set the backend up).
+        if config.django_task:
+            enqueue(jobs.add, 20)
+        else:
+            with app.producer_or_acquire() as producer:
+                for _ in range(20):
+                    noop.apply_async(producer=producer)
         wait_for(config, worker, 20, WORKER_START_TIMEOUT)
         for _ in range(rounds):
             _common.truncate(*tables)
             wall0 = time.time()
             t0 = time.monotonic()
-            publish(add, tasks)
+            if config.django_task:
+                enqueue(jobs.add, tasks)
+            else:
+                publish(add, tasks)
             published = time.monotonic()
             seen = wait_for(config, worker, tasks, timeout)
             final = last_done(config)
@@ -215,6 +240,7 @@ def run_config(config: Config, tasks: int, rounds: int, timeout: float) -> dict:
         "reuse_max": config.reuse_max,
         "track_publish": config.track_publish,
         "run_once": config.run_once,
+        "django_task": config.django_task,
         "tasks_per_s": _common.median(r["tasks_per_s"] for r in runs),
         "tasks_per_s_last_done": _common.median(r["tasks_per_s_last_done"] for r in runs),
         "publish_seconds": _common.median(r["publish_seconds"] for r in runs),
@@ -254,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
             ratio = r["tasks_per_s"] / dcr[r["reuse_max"]]["tasks_per_s"]
             key = r["reuse_max"] or "default"
             key = key if r["track_publish"] else f"{key}, untracked"
-            ratios[f"{key}, run_once" if r["run_once"] else key] = ratio
+            key = f"{key}, run_once" if r["run_once"] else key
+            ratios[f"{key}, django_task" if r.get("django_task") else key] = ratio
             ratio_cell = f"**{ratio:.2f}x**"
         else:
             ratio_cell = ""
@@ -290,6 +317,11 @@ def main(argv: list[str] | None = None) -> dict:
             "publisher, as the testproject is configured) unless marked otherwise; "
             "django-celery-results has no such write. The publisher is one process on the "
             "same 2 cores as the worker: see `publish s`",
+            "Django @task: `jobs.add.enqueue(i, i)` (Django's Tasks framework on "
+            "`django_tasks.CeleryBackend`) writes each task's PENDING row before it returns "
+            "(not written behind) and takes a producer from the pool per call; the worker runs "
+            "it as the Celery task `testproject.demo.jobs.add`, with one SELECT and one UPDATE "
+            "of its row per attempt (the worker in `worker_ids`) and Django's task signals",
             "worker: `" + " ".join(worker_command(f"{NODE_PREFIX}-PID@127.0.0.1")[1:]) + "`",
         ],
     }
@@ -301,6 +333,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"RUN_ONCE costs {1 - ratios['run_once / without']:.1%} of end-to-end tasks/s "
             f"({checked['tasks_per_s']:,.0f} vs {plain['tasks_per_s']:,.0f}; one UPDATE per "
             "task in the worker's main process)"
+        )
+    django_task = next((r for r in results if r["slug"] == "ours-reuse1000-djangotask"), None)
+    if plain and django_task:
+        ratios["django_task / plain"] = django_task["tasks_per_s"] / plain["tasks_per_s"]
+        section["notes"].append(
+            f"Django @task: {ratios['django_task / plain']:.2f}x the end-to-end tasks/s of the "
+            f"plain Celery task in the same configuration ({django_task['tasks_per_s']:,.0f} vs "
+            f"{plain['tasks_per_s']:,.0f}; publish {django_task['publish_seconds']:.2f} s vs "
+            f"{plain['publish_seconds']:.2f} s)"
         )
     result = {"name": "e2e", "sections": [section], "configs": results, "ratios": ratios}
     _common.finish("e2e", result, args.json_out)

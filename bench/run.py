@@ -171,7 +171,7 @@ def headline(results: dict[str, dict]) -> str:
         by_key = {
             (c["backend"], c["reuse_max"]): c
             for c in e2e["configs"]
-            if c.get("track_publish", True) and not c.get("run_once")
+            if c.get("track_publish", True) and not c.get("run_once") and not c.get("django_task")
         }
         for reuse, label in (
             ("", "Celery default (close per task)"),
@@ -197,6 +197,17 @@ def headline(results: dict[str, dict]) -> str:
                     checked["tasks_per_s"],
                     plain["tasks_per_s"],
                     f"**{checked['tasks_per_s'] / plain['tasks_per_s']:.2f}x**",
+                ]
+            )
+        django_task = next((c for c in e2e["configs"] if c.get("django_task")), None)
+        if django_task and plain:
+            rows.append(
+                [
+                    "end-to-end tasks/s, DB_REUSE_MAX=1000, Django @task enqueue (anchor: the "
+                    "plain Celery task, same configuration)",
+                    django_task["tasks_per_s"],
+                    plain["tasks_per_s"],
+                    f"**{django_task['tasks_per_s'] / plain['tasks_per_s']:.2f}x**",
                 ]
             )
     stale = results.get("stale")
@@ -269,12 +280,26 @@ def headline(results: dict[str, dict]) -> str:
                     f"{publish['plain_atomic_ms'] / publish['transactional_ms']:.2f}x",
                 ]
             )
+        if "django_enqueue_ms" in publish:
+            rows.append(
+                [
+                    "Django @task: ms per enqueue, its row written before it returns (vs plain "
+                    "apply_async; added)",
+                    f"{publish['django_enqueue_ms']:.3f} ({publish['django_added_ms']:+.3f})"
+                    + ("" if publish["django_ok"] else " (rows: **NOT** one per enqueue)"),
+                    f"{publish['plain_ms']:.3f}",
+                    f"{publish['plain_ms'] / publish['django_enqueue_ms']:.2f}x",
+                ]
+            )
     failed = [name for name, r in results.items() if r.get("failed")]
     text = (
         "Baseline: django-celery-results for the result backend rows; Celery without the "
         "scheduler (native broker ETA, plain `apply_async`) for the `scheduler:` rows, plain "
-        "`apply_async` (tracking off, same process) for the `publish tracking` row. "
-        "The chord row's ratio is the baseline's time over ours (higher is better for us).\n\n"
+        "`apply_async` (tracking off, same process) for the `publish tracking` and `Django @task: "
+        "ms per enqueue` rows, the plain Celery task `add` in the same configuration for the "
+        "end-to-end Django @task row. "
+        "The ratio of the chord row and of the `ms per` rows is the baseline's time over ours "
+        "(higher is better for us).\n\n"
     )
     text += _common.table(["measure", "ours", "baseline", "ours / baseline"], rows)
     if failed:

@@ -246,6 +246,7 @@ if HAS_DJANGO_TASKS:
                 "default",
                 f"{CELERY_TASK_DEFAULT_QUEUE}-held",
                 f"{CELERY_TASK_DEFAULT_QUEUE}-django-tasks",
+                f"{CELERY_TASK_DEFAULT_QUEUE}-django-tasks-priority",
             ],
             "OPTIONS": {"CELERY_APP": "testproject.celery_app.app"},
         }

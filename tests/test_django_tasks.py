@@ -19,6 +19,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.db import transaction
 from django.utils import timezone
+from kombu import Queue
 
 from django_celery_fulldbresult import SCHEDULED, scheduler, stats
 from django_celery_fulldbresult.models import TaskResultMeta
@@ -288,11 +289,21 @@ def test_rabbitmq_priorities_with_a_queue_maximum(celery_app):
     if backend.driver != "amqp":
         pytest.skip("RabbitMQ")
     celery_app.conf.task_queue_max_priority = 10
+    prioritised = Queue(queue_name("django-tasks-priority"), max_priority=10)
     try:
         assert backend.supports_priority
         assert [backend.broker_priority(p) for p in (-100, 0, 100)] == [0, 5, 10]
+        urgent = jobs.add.using(priority=100, queue_name=prioritised.name).enqueue(1, 1)
+        with celery_app.connection_for_read() as conn:
+            simple = conn.SimpleQueue(prioritised)
+            message = simple.get(timeout=5)
+            message.ack()
+            simple.close()
+        assert message.headers["id"] == urgent.id and message.properties["priority"] == 10
     finally:
         celery_app.conf.task_queue_max_priority = None
+        with celery_app.connection_for_write() as conn:
+            prioritised(conn.default_channel).delete()
 
 
 @needs_options
