@@ -19,7 +19,6 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.db import transaction
 from django.utils import timezone
-from kombu import Queue
 
 from django_celery_fulldbresult import SCHEDULED, scheduler, stats
 from django_celery_fulldbresult.models import TaskResultMeta
@@ -289,21 +288,22 @@ def test_rabbitmq_priorities_with_a_queue_maximum(celery_app):
     if backend.driver != "amqp":
         pytest.skip("RabbitMQ")
     celery_app.conf.task_queue_max_priority = 10
-    prioritised = Queue(queue_name("django-tasks-priority"), max_priority=10)
+    name = queue_name("django-tasks-priority")
     try:
         assert backend.supports_priority
         assert [backend.broker_priority(p) for p in (-100, 0, 100)] == [0, 5, 10]
-        urgent = jobs.add.using(priority=100, queue_name=prioritised.name).enqueue(1, 1)
+        urgent = jobs.add.using(priority=100, queue_name=name).enqueue(1, 1)
+        # Read through the queue Celery declared (with or without x-max-priority).
+        declared = celery_app.amqp.queues[name]
         with celery_app.connection_for_read() as conn:
-            simple = conn.SimpleQueue(prioritised)
+            simple = conn.SimpleQueue(declared)
             message = simple.get(timeout=5)
             message.ack()
             simple.close()
+            declared(conn.default_channel).delete()
         assert message.headers["id"] == urgent.id and message.properties["priority"] == 10
     finally:
         celery_app.conf.task_queue_max_priority = None
-        with celery_app.connection_for_write() as conn:
-            prioritised(conn.default_channel).delete()
 
 
 @needs_options
@@ -467,15 +467,17 @@ def test_a_celery_app_without_the_packages_result_backend_fails_the_check():
     assert task_backends["default"].check() == []
 
 
-def test_celery_eager_mode_runs_django_tasks_at_enqueue(celery_app):
+def test_celery_eager_mode_runs_django_tasks_at_enqueue(celery_app, monkeypatch):
     """A project's test settings with CELERY_TASK_ALWAYS_EAGER (and the result stored): the
     task runs inside enqueue and get_result reads it back."""
-    celery_app.conf.task_always_eager = celery_app.conf.task_store_eager_result = True
+    for task in (jobs.add, jobs.fail):  # CELERY_TASK_STORE_EAGER_RESULT, read at binding
+        monkeypatch.setattr(runner.celery_task(task, celery_app), "store_eager_result", True)
+    celery_app.conf.task_always_eager = True
     try:
         result = jobs.add.enqueue(6, 7)
         failed = jobs.fail.enqueue("eager")
     finally:
-        celery_app.conf.task_always_eager = celery_app.conf.task_store_eager_result = False
+        celery_app.conf.task_always_eager = False
     result.refresh()
     assert result.status == TaskResultStatus.SUCCESSFUL and result.return_value == 13
     assert result.args == [6, 7] and result.attempts == 1
