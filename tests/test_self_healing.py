@@ -25,7 +25,7 @@ from django_celery_fulldbresult.scheduler import claims
 from testproject.demo import tasks
 from testproject.demo.models import Run
 
-from .conftest import wait_for
+from .conftest import queue_name, wait_for
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -334,3 +334,25 @@ def test_run_once_a_row_written_just_after_a_failed_take_is_taken(
     result = tasks.record_run.apply_async(("late row",), task_id=task_id)
     assert result.get(timeout=20) == "late row"
     assert runs(task_id) == 1
+
+
+def test_run_once_under_a_gevent_worker(worker_processes, celery_app):
+    """The receipt claim in a gevent worker (its statements on the statement runner): a
+    second message for a finished attempt, and one for a REVOKED row, do not run."""
+    queue = queue_name("run-once-gevent")
+    worker_processes.start(
+        "once", pool="gevent", concurrency=20, queues=queue, env={"FULLDB_RUN_ONCE": "1"}
+    )
+    first = tasks.record_run.apply_async(("g",), queue=queue)
+    assert first.get(timeout=60) == "g"
+    tasks.record_run.apply_async(("again",), task_id=first.id, queue=queue)
+    revoked = str(uuid.uuid4())
+    TaskResultMeta.objects.create(task_id=revoked, task=tasks.record_run.name, status="REVOKED")
+    tasks.record_run.apply_async(("x",), task_id=revoked, queue=queue)
+    control = tasks.record_run.apply_async(("after",), queue=queue)  # runs after both copies
+    assert control.get(timeout=30) == "after"
+    time.sleep(1)
+    assert (runs(first.id), runs(revoked)) == (1, 0)
+    assert first.get(timeout=5) == "g" and row(revoked).status == states.REVOKED
+    log = worker_processes.procs[0].log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]
