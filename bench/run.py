@@ -39,16 +39,17 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-#: name -> (script, arguments, time limit in seconds, quick arguments)
+#: name -> (script, arguments, time limit in seconds, quick arguments). The limits leave room
+#: for a machine 3x slower than the one BENCHMARKS.md was measured on (stores hit 300 s).
 BENCHMARKS = {
-    "stores": ("stores.py", [], 300, ["--tasks", "500", "--repeat", "1", "--warmup", "50"]),
-    "e2e": ("e2e.py", [], 420, ["--tasks", "300", "--rounds", "1"]),
+    "stores": ("stores.py", [], 900, ["--tasks", "500", "--repeat", "1", "--warmup", "50"]),
+    "e2e": ("e2e.py", [], 1200, ["--tasks", "300", "--rounds", "1"]),
     "stale": ("stale_plan.py", [], 300, ["--repeat", "3"]),
     "scheduler": ("scheduler.py", [], 600, ["--quick"]),
     "stats": ("stats_bench.py", [], 300, ["--repeat", "3"]),
     "admin": ("admin.py", [], 420, ["--repeat", "3", "--no-dcr"]),
     "chords": ("chord_bench.py", [], 600, ["--quick"]),
-    "publish": ("publish_bench.py", [], 300, ["--rounds", "2"]),
+    "publish": ("publish_bench.py", [], 900, ["--rounds", "2"]),
 }
 #: Benchmarks that keep 1M rows across runs; --refill rebuilds them.
 REFILLABLE = ("stale", "scheduler", "stats", "admin")
