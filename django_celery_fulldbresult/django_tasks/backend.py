@@ -72,7 +72,7 @@ class CeleryBackend(BaseTaskBackend):
     @cached_property
     def celery_app(self) -> Any:
         path = self.options.get("CELERY_APP")
-        return import_string(path) if path else current_app._get_current_object()
+        return import_string(path) if path else current_app  # Celery's proxy: followed
 
     @property
     def supports_defer(self) -> bool:  # type: ignore[override]
