@@ -240,15 +240,22 @@ def _note(action: str, by: str) -> dict[str, Any]:
     return {"recovered": {"action": action, "by": by, "at": timezone.now().isoformat()}}
 
 
-def resend(
-    app: Any,
-    rows: Sequence[LostRow],
-    max_age: timedelta,
-    using: str | None = None,
-    acceptable_states: Iterable[str] | None = None,
-    by: str = BY_SENDER,
-    sender: Any = None,
-) -> RecoveryResult:
+@dataclass(frozen=True)
+class Scope:
+    """What a recovery acts with: the app, the age that makes a row lost (with the states
+    that are never stale), the database, and who recovers (written in each row's note)."""
+
+    app: Any
+    max_age: timedelta
+    using: str | None = None
+    acceptable_states: Iterable[str] | None = None
+    by: str = BY_SENDER
+
+    def transition(self, rows: Sequence[LostRow], change: Callable[..., int]) -> list[LostRow]:
+        return _transition(self.using, rows, self.max_age, self.acceptable_states, change)
+
+
+def resend(scope: Scope, rows: Sequence[LostRow], sender: Any = None) -> RecoveryResult:
     """Send these lost rows again: each still recoverable, replayable row becomes a due,
     unclaimed SCHEDULED row (``requeue``: same id, same attempt), then is forwarded by
     ``scheduler.send_now`` (its message carries the forwarded header: the worker's
@@ -259,18 +266,14 @@ def resend(
     result = RecoveryResult()
     replayable = [row for row in rows if row["replayable"]]
     result.not_replayable = [row["task_id"] for row in rows if not row["replayable"]]
-    meta = _note("resent", by)
-    changed = _transition(
-        using,
-        replayable,
-        max_age,
-        acceptable_states,
-        lambda qs, marker: qs.requeue(marker=marker, meta=meta),
-    )
+    meta = _note("resent", scope.by)
+    changed = scope.transition(replayable, lambda qs, marker: qs.requeue(marker=marker, meta=meta))
     result.resent = [row["task_id"] for row in changed]
     result.moved_on = _others(replayable, changed)
     if result.resent:
-        result.sends = operations.send_now(app, result.resent, using=using, sender=sender)
+        result.sends = operations.send_now(
+            scope.app, result.resent, using=scope.using, sender=sender
+        )
     return result
 
 
@@ -301,14 +304,7 @@ def failure_columns(app: Any, task_name: str, reason: str) -> dict[str, Any]:
     }
 
 
-def mark_failed(
-    app: Any,
-    rows: Sequence[LostRow],
-    max_age: timedelta,
-    using: str | None = None,
-    acceptable_states: Iterable[str] | None = None,
-    by: str = BY_SENDER,
-) -> RecoveryResult:
+def mark_failed(scope: Scope, rows: Sequence[LostRow]) -> RecoveryResult:
     """Make these lost rows FAILURE with a ``WorkerLostError`` naming the lost worker and
     who recovered it; a chord header part then fails its chord (``chords.report_ended_parts``),
     as a worker's failure does."""
@@ -318,16 +314,15 @@ def mark_failed(
         groups.setdefault((row["task"], row["status"], row["hostname"]), []).append(row)
     changed: list[LostRow] = []
     for (task_name, _status, _hostname), group in groups.items():
-        reason = lost_reason(group[0], by)
-        failure = {**failure_columns(app, task_name, reason), "meta": _note("failed", by)}
-        done = _transition(
-            using,
-            group,
-            max_age,
-            acceptable_states,
-            lambda qs, marker, failure=failure: qs.mark_lost(failure, marker=marker),
+        reason = lost_reason(group[0], scope.by)
+        failure = {
+            **failure_columns(scope.app, task_name, reason),
+            "meta": _note("failed", scope.by),
+        }
+        done = scope.transition(
+            group, lambda qs, marker, failure=failure: qs.mark_lost(failure, marker=marker)
         )
-        chords.report_ended_parts(app, done, FAILURE, WorkerLostError(reason))
+        chords.report_ended_parts(scope.app, done, FAILURE, WorkerLostError(reason))
         changed.extend(done)
     result.failed = [row["task_id"] for row in changed]
     result.moved_on = _others(rows, changed)
@@ -381,10 +376,11 @@ def recover_stale(
     for row in rows:
         plan[decide(app, row, override)].append(row)
     result = RecoveryResult(reported=[row["task_id"] for row in plan[REPORT]])
+    scope = Scope(app, max_age, using, acceptable_states, by)
     if plan[RESEND]:
-        result.add(resend(app, plan[RESEND], max_age, using, acceptable_states, by, sender))
+        result.add(resend(scope, plan[RESEND], sender))
     if plan[FAIL]:
-        result.add(mark_failed(app, plan[FAIL], max_age, using, acceptable_states, by))
+        result.add(mark_failed(scope, plan[FAIL]))
     if rows:
         level = logging.WARNING if result.acted else logging.INFO
         hosts = sorted({row["hostname"] or "?" for row in rows})

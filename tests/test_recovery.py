@@ -259,9 +259,9 @@ def test_a_recoverer_with_an_old_read_acts_on_nothing(worker, celery_app, policy
     read_by_the_slow_one = recovery.lost_rows(None, AGE)
     assert recovery.recover_stale(celery_app, max_age=AGE).resent == [task_id]
     assert celery_app.AsyncResult(task_id).get(timeout=30) == 7
-    late = recovery.resend(celery_app, read_by_the_slow_one, AGE)
+    late = recovery.resend(recovery.Scope(celery_app, AGE), read_by_the_slow_one)
     assert late.moved_on == [task_id] and not late.resent and not late.sends
-    late = recovery.mark_failed(celery_app, read_by_the_slow_one, AGE)
+    late = recovery.mark_failed(recovery.Scope(celery_app, AGE), read_by_the_slow_one)
     assert late.moved_on == [task_id] and not late.failed
     assert row(task_id).status == states.SUCCESS
     assert runs(task_id) == 1
@@ -275,7 +275,7 @@ def test_a_row_read_in_one_state_is_not_acted_on_in_another(celery_app):
     TaskResultMeta.objects.filter(task_id=task_id).update(
         status=states.STARTED, hostname="dead-too@host"
     )
-    assert recovery.mark_failed(celery_app, read, AGE).moved_on == [task_id]
+    assert recovery.mark_failed(recovery.Scope(celery_app, AGE), read).moved_on == [task_id]
     assert row(task_id).status == states.STARTED
 
 
@@ -288,8 +288,8 @@ def test_a_row_a_live_worker_took_meanwhile_is_left_to_it(celery_app):
     TaskResultMeta.objects.filter(task_id=task_id).update(
         hostname="alive@host", date_modified=timezone.now()
     )
-    assert recovery.mark_failed(celery_app, read, AGE).moved_on == [task_id]
-    assert recovery.resend(celery_app, read, AGE).moved_on == [task_id]
+    assert recovery.mark_failed(recovery.Scope(celery_app, AGE), read).moved_on == [task_id]
+    assert recovery.resend(recovery.Scope(celery_app, AGE), read).moved_on == [task_id]
     assert row(task_id).status == states.STARTED
 
 

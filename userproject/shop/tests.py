@@ -2,6 +2,7 @@
 plain ``TestCase`` and ``TransactionTestCase``, nothing from django-celery-fulldbresult's
 own test suite. Run by ``manage.py test shop``."""
 
+import time
 import uuid
 from datetime import timedelta
 
@@ -16,7 +17,7 @@ from shopsite.celery import app
 from django_celery_fulldbresult.models import TaskResultMeta
 from django_celery_fulldbresult.scheduler import forward_due, send_now
 
-from .tasks import add
+from .tasks import add, double
 
 
 class NothingLeftOver:
@@ -52,6 +53,12 @@ class TheBackendInATestCase(NothingLeftOver, TestCase):
         result = add.delay(1, 2)
         self.assertEqual(TaskResultMeta.objects.get(task_id=result.id).status, states.PENDING)
         self.assertEqual(result.state, states.PENDING)
+
+    def test_a_django_task_enqueued_has_its_row(self):
+        result = double.enqueue(21)
+        row = TaskResultMeta.objects.get(task_id=result.id)
+        self.assertEqual((row.status, row.task, row.args), ("PENDING", "shop.tasks.double", [21]))
+        self.assertEqual(double.get_result(result.id).args, [21])
 
     def test_a_delayed_task_waits_as_a_scheduled_row(self):
         result = add.apply_async((1, 2), countdown=3600)
@@ -89,6 +96,15 @@ class TheBackendWithAWorker(WithAWorker, NothingLeftOver, TransactionTestCase):
 
     def test_and_again_from_an_empty_table(self):
         self.assertEqual(add.delay(3, 3).get(timeout=30), 6)
+
+    def test_a_django_task_runs_on_the_worker(self):
+        result = double.enqueue(21)
+        deadline = time.monotonic() + 30
+        while not result.is_finished and time.monotonic() < deadline:
+            time.sleep(0.1)
+            result.refresh()
+        self.assertEqual((result.status, result.return_value), ("SUCCESSFUL", 42))
+        self.assertEqual(len(result.worker_ids), 1)
 
 
 #: A queue no worker of these tests consumes: the scheduler's tests take their messages back.

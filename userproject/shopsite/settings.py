@@ -106,3 +106,11 @@ DJANGO_CELERY_FULLDBRESULT_MONKEY_PATCH_ASYNC = True
 # did): the suite shows what that breaks.
 if os.environ.get("FULLDB_USER_OWN_CONNECTION") == "1":
     DJANGO_CELERY_FULLDBRESULT_DEDICATED_CONNECTION_IN_TESTS = True
+
+# Django's Tasks framework on the Celery workers (django.tasks, or the django-tasks backport).
+TASKS = {
+    "default": {
+        "BACKEND": "django_celery_fulldbresult.django_tasks.CeleryBackend",
+        "OPTIONS": {"CELERY_APP": "shopsite.celery.app"},
+    }
+}
