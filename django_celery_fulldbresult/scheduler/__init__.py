@@ -44,6 +44,7 @@ from .claims import seconds_until_next
 from .intercept import (
     AT_ONCE,
     IN_TRANSACTION,
+    TransactionalPublishError,
     forwarding,
     install,
     is_forwarding,
@@ -53,7 +54,6 @@ from .intercept import (
     wants_scheduling,
 )
 from .operations import cancel_scheduled, make_due, resend_stale, safe_resend_age, send_now
-from .outbox import TransactionalPublishError
 from .revoke import revoke_waiting
 from .rows import ClaimedRow, PassResult, claimed_values
 from .sender import Sender, forward_due

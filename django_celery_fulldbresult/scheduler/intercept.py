@@ -215,9 +215,12 @@ def maybe_schedule(
     return result
 
 
-def _cannot_hold(name: str, why: str) -> Exception:
-    from .outbox import TransactionalPublishError
+class TransactionalPublishError(RuntimeError):
+    """A call bound to the caller's transaction that cannot be stored to be published later
+    (a secret task, a call that cannot be stored exactly)."""
 
+
+def _cannot_hold(name: str, why: str) -> Exception:
     return TransactionalPublishError(
         f"{name}: cannot be published after the caller's commit: {why}. Pass "
         "db_schedule=True to publish it at once, or use Celery's delay_on_commit (published "

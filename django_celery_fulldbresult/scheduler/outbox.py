@@ -36,6 +36,7 @@ from django.db import connections
 
 from .. import db
 from . import operations
+from .intercept import TransactionalPublishError  # noqa: F401 - this module's error
 from .sender import Sender
 
 logger = logging.getLogger(__name__)
@@ -47,11 +48,6 @@ _senders: dict[tuple[int, str], Sender] = {}
 #: Senders inherited through fork: never used (their thread is gone) nor closed (their
 #: sockets are the parent's).
 _inherited: list[Sender] = []
-
-
-class TransactionalPublishError(RuntimeError):
-    """A call bound to the caller's transaction that cannot be stored to be published later
-    (a secret task, a call that cannot be stored exactly)."""
 
 
 def _pending() -> dict[tuple[Any, str], list[str]]:
