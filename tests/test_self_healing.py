@@ -76,7 +76,9 @@ def test_a_dead_senders_claims_are_forwarded_again_each_task_runs_once(
     """A sender claims 4 tasks, publishes 2 and dies. The worker that takes the 2 ends their
     claim; after SCHEDULER_RECLAIM_AFTER any sender takes the other 2 back and forwards them.
     (Copies of a message already in the queue: ``test_two_copies_...`` below.)"""
-    settings.DJANGO_CELERY_FULLDBRESULT_SCHEDULER_RECLAIM_AFTER = 1.0
+    # A lease longer than the worker can take to run the first two, however slow the machine
+    # (CI's once took more than 1 s); then a short one, past which the claims are taken back.
+    settings.DJANGO_CELERY_FULLDBRESULT_SCHEDULER_RECLAIM_AFTER = 60.0
     ids = scheduled(4)
     with scheduler.Sender(celery_app) as dying:
         token = uuid.uuid4()
@@ -86,6 +88,7 @@ def test_a_dead_senders_claims_are_forwarded_again_each_task_runs_once(
         dying.leases.drop(token)  # a dead sender renews nothing
     wait_for(lambda: all(runs(task_id) == 1 for task_id in ids[:2]))
     assert scheduler.forward_due(celery_app).reclaimed == 0  # the lease has not run out
+    settings.DJANGO_CELERY_FULLDBRESULT_SCHEDULER_RECLAIM_AFTER = 1.0
     time.sleep(1.1)
     outcome = scheduler.forward_due(celery_app)
     assert (outcome.reclaimed, outcome.sent) == (2, 2)
