@@ -92,6 +92,9 @@ DEFAULTS: dict[str, Any] = {
     # message (Redis/SQS visibility timeout, a duplicated publish) are acknowledged and not
     # run, and a REVOKED row is never run. Forwarded tasks always get this check.
     "RUN_ONCE": False,
+    # AsyncResult.get(), join_native and the other ways of waiting for results wake when the
+    # result is stored (PostgreSQL: LISTEN/NOTIFY, push/); False, or another database: polling.
+    "RESULT_PUSH": True,
     # Admin (issue 4).
     "OVERRIDE_BEAT_ADMIN": False,
 }

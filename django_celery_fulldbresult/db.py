@@ -455,12 +455,24 @@ def outside_event_loop(operation: Callable[[], T]) -> T:
     return helper.submit(operation).result()
 
 
+#: Other sessions of the package's that ``close_all`` closes too (result push's listener).
+_also_close: list[Callable[[], None]] = []
+
+
+def also_close(close: Callable[[], None]) -> None:
+    """Have ``close_all`` call ``close`` (a module with sessions of its own registers)."""
+    if close not in _also_close:
+        _also_close.append(close)
+
+
 def close_all() -> None:
     """Close the dedicated connections of every thread (tests, process shutdown).
 
     Closes the driver connections directly: Django refuses to close a
     connection from another thread, and these threads may be gone already.
     """
+    for close in _also_close:
+        close()
     with _created_lock:
         wrappers = [ref() for ref in _created]
     for wrapper in wrappers:

@@ -7,13 +7,15 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
 
 from celery import states
-from celery.backends.base import BaseBackend
+from celery.backends.asynchronous import AsyncBackendMixin
+from celery.backends.base import BaseBackend, SyncBackendMixin
 from celery.canvas import maybe_signature
 from celery.exceptions import ChordError, ImproperlyConfigured
 from celery.result import GroupResult, ResultBase, allow_join_result, result_from_tuple
@@ -22,8 +24,9 @@ from django.db import transaction
 from django.utils import timezone
 from kombu.exceptions import EncodeError
 
-from . import chords, conf, db, encryption, receipt, records, secrecy, serialization
+from . import chords, conf, db, encryption, push, receipt, records, secrecy, serialization
 from .models import GroupResultMeta, TaskResultMeta
+from .push.consumer import ResultConsumer
 from .states import REVOCABLE_STATES
 
 logger = logging.getLogger(__name__)
@@ -68,8 +71,12 @@ setting.
 """
 
 
-class DatabaseResultBackend(BaseBackend):
-    """Stores every state of every task, with what is needed to send it again."""
+class DatabaseResultBackend(AsyncBackendMixin, BaseBackend):
+    """Stores every state of every task, with what is needed to send it again.
+
+    Waiting for results: pushed on PostgreSQL (``push``: Celery's asynchronous result API,
+    as the Redis backend's), polled elsewhere (Celery's synchronous one).
+    """
 
     subpolling_interval = 0.5
     supports_autoexpire = False
@@ -83,6 +90,9 @@ class DatabaseResultBackend(BaseBackend):
         failure_expires = self.app.conf.get("result_failure_expires")
         self.failure_expires = (
             self.expires if failure_expires is None else self.prepare_expires(failure_expires)
+        )
+        self.result_consumer = ResultConsumer(
+            self, self.app, self.accept, self._pending_results, self._pending_messages
         )
 
     def prepare_compression(self, compression: str | None) -> None:
@@ -316,6 +326,71 @@ class DatabaseResultBackend(BaseBackend):
         )
 
     # -- waiting ------------------------------------------------------------
+    # Pushed (``push.enabled()``): AsyncBackendMixin's methods and the ResultConsumer.
+    # Otherwise Celery's synchronous ones, polling ``wait_for`` and ``get_many`` below.
+
+    @property
+    def is_async(self) -> bool:
+        return push.enabled()
+
+    def add_pending_result(self, result: Any, weak: bool = False, start_drainer: bool = True):
+        if not self.is_async:
+            return result
+        return super().add_pending_result(result, weak=weak, start_drainer=start_drainer)
+
+    def wait_for_pending(self, result: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.is_async:
+            return SyncBackendMixin.wait_for_pending(self, result, *args, **kwargs)
+        return super().wait_for_pending(result, *args, **kwargs)
+
+    def iter_native(self, result: Any, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+        if not self.is_async:
+            return SyncBackendMixin.iter_native(self, result, **kwargs)
+        return self._iter_native_pushed(result, **kwargs)
+
+    def _iter_native_pushed(
+        self, result: Any, no_ack: bool = True, **kwargs: Any
+    ) -> Iterator[tuple[str, Any]]:
+        """AsyncBackendMixin's ``iter_native``, with ``get_many``'s promise kept: what is
+        ready is handed over before a timeout is raised (and an empty group is no error)."""
+        self._ensure_not_eager()
+        bucket: deque = deque()
+        for node in result.results:
+            if not hasattr(node, "_cache") or node._cache:
+                bucket.append(node)
+            else:
+                self._collect_into(node, bucket)
+
+        def handed_over() -> Iterator[tuple[str, Any]]:
+            while bucket:
+                node = bucket.popleft()
+                yield node.id, (node._cache if hasattr(node, "_cache") else node.children)
+
+        try:
+            for _ in self._wait_for_pending(result, no_ack=no_ack, **kwargs):
+                yield from handed_over()
+        except self.TimeoutError:
+            yield from handed_over()
+            raise
+        yield from handed_over()
+
+    def read_metas(
+        self, task_ids: list[str], only: Iterable[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The rows of ``task_ids`` (those in one of the states ``only``, when given), one
+        statement per ``GET_MANY_BATCH`` ids, as Celery's task metas."""
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(task_ids), GET_MANY_BATCH):
+            batch = task_ids[start : start + GET_MANY_BATCH]
+
+            def read(using: str, batch: list[str] = batch) -> list[dict[str, Any]]:
+                found = TaskResultMeta.objects.using(using).filter(task_id__in=batch)
+                if only is not None:
+                    found = found.filter(status__in=sorted(only))
+                return list(found.values(*META_COLUMNS))
+
+            rows += self._retrying(read)
+        return [self._meta_from_row(row) for row in rows]
 
     def wait_for(
         self,
@@ -368,7 +443,7 @@ class DatabaseResultBackend(BaseBackend):
                 yield task_id, cached
         elapsed, iterations = 0.0, 0
         while waiting:
-            for meta in self._ready_metas(sorted(waiting), READY_STATES):
+            for meta in self.read_metas(sorted(waiting), READY_STATES):
                 waiting.discard(meta["task_id"])
                 self._cache[meta["task_id"]] = meta
                 if on_message is not None:
@@ -386,20 +461,6 @@ class DatabaseResultBackend(BaseBackend):
             iterations += 1
             if max_iterations and iterations >= max_iterations:
                 return
-
-    def _ready_metas(self, task_ids: list[str], ready: Iterable[str]) -> list[dict[str, Any]]:
-        ready = sorted(ready)
-        rows: list[dict[str, Any]] = []
-        for start in range(0, len(task_ids), GET_MANY_BATCH):
-            batch = task_ids[start : start + GET_MANY_BATCH]
-            rows += self._retrying(
-                lambda using, batch=batch: list(
-                    TaskResultMeta.objects.using(using)
-                    .filter(task_id__in=batch, status__in=ready)
-                    .values(*META_COLUMNS)
-                )
-            )
-        return [self._meta_from_row(row) for row in rows]
 
     # -- groups -------------------------------------------------------------
 

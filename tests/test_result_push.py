@@ -1,0 +1,177 @@
+"""Results pushed to waiters on PostgreSQL (``push/``): ``AsyncResult.get()`` and a group's
+``join_native`` return when the result is stored, not at the next poll; waiting reads the row
+when it is notified, not every interval; one listening session per process, registered only
+while something waits, taken back after a lost connection.
+
+Against the in-process worker (real broker and database). Polling, which these tests would
+fail, stays the way of every other database (the same waits run in the SQLite and MariaDB
+suites through the synchronous API).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from celery import group
+from django.db import connection, connections
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from django_celery_fulldbresult import db, push
+from django_celery_fulldbresult.models import TaskResultMeta
+from django_celery_fulldbresult.push import consumer, sql
+from testproject.demo import tasks
+
+from .conftest import requires_postgresql, wait_for
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    requires_postgresql,
+    pytest.mark.usefixtures("worker"),
+]
+
+#: The longest a waiter may take to return once the row is stored (polling: 0.5 s at worst,
+#: 0.25 s on average).
+PROMPT = 0.1
+
+
+def lag(result) -> float:
+    """Seconds between the result being stored and ``get()`` returning."""
+    result.get(timeout=20)
+    returned = timezone.now()
+    return (returned - TaskResultMeta.objects.get(task_id=result.id).date_done).total_seconds()
+
+
+def listeners() -> list[int]:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT pid FROM {sql.LISTENERS}")
+        return [pid for (pid,) in cursor.fetchall()]
+
+
+@pytest.fixture(autouse=True)
+def quiet(celery_app):
+    """Each test starts without a listening session of the process."""
+    assert push.enabled()
+    celery_app.backend.result_consumer.stop()
+    yield
+    celery_app.backend.result_consumer.stop()
+
+
+def test_get_returns_as_soon_as_the_result_is_stored(celery_app):
+    assert celery_app.backend.is_async
+    lags = [lag(tasks.sleep.delay(0.3)) for _ in range(5)]
+    assert max(lags) < PROMPT, lags
+
+
+def test_a_groups_join_returns_as_soon_as_its_last_result_is_stored(celery_app):
+
+    result = group(tasks.sleep.s(0.1 * i) for i in range(1, 6)).apply_async()
+    assert result.join_native(timeout=20) == [0.1 * i for i in range(1, 6)]
+    returned = timezone.now()
+    last = max(r.date_done for r in TaskResultMeta.objects.filter(group_id=result.id))
+    assert (returned - last).total_seconds() < PROMPT
+
+
+def test_waiting_reads_the_row_when_notified_not_every_interval(celery_app):
+    """Every statement this thread sends while it waits (polling: one per 0.5 s)."""
+    statements = CaptureQueriesContext(connections[db.write_alias()])
+    first = tasks.sleep.delay(2.0)
+    with statements:
+        assert first.get(timeout=20) == 2.0
+    # Before listening, once listening (what came before), when notified. Polling: 5.
+    assert len(statements) <= 3, statements.captured_queries
+    second = tasks.sleep.delay(2.0)
+    with statements:
+        assert second.get(timeout=20) == 2.0
+    assert len(statements) <= 2, statements.captured_queries  # the session listens already
+
+
+def test_threads_waiting_at_once_each_return_promptly(celery_app):
+    results = [tasks.sleep.delay(0.2 + 0.15 * i) for i in range(4)]
+    lags: dict[int, float] = {}
+
+    def wait(i: int) -> None:
+        lags[i] = lag(results[i])
+
+    threads = [threading.Thread(target=wait, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(lags) == [0, 1, 2, 3]
+    assert max(lags.values()) < PROMPT * 2, lags
+
+
+def test_writers_notify_only_while_a_session_is_registered(celery_app):
+    """A listener that did not register hears nothing: the trigger's gate. Registered (a
+    waiter of this process), it hears each state written."""
+    from django.db import connections
+
+    probe = connections.create_connection("default")
+    probe.ensure_connection()
+    raw = probe.connection
+    raw.autocommit = True
+    try:
+        with raw.cursor() as cursor:
+            cursor.execute(sql.LISTEN)
+        assert listeners() == []
+        quiet_result = tasks.add.delay(1, 1)
+        assert quiet_result.get(timeout=20) == 2  # waits: this process registers
+        celery_app.backend.result_consumer.stop()  # ... and no longer
+        time.sleep(0.1)
+        list(raw.notifies(timeout=0))
+        unheard = tasks.add.apply_async((2, 2))
+        wait_for(lambda: TaskResultMeta.objects.filter(task_id=unheard.id, status="SUCCESS"))
+        time.sleep(0.2)
+        assert [n.payload for n in raw.notifies(timeout=0.2)] == []
+        with raw.cursor() as cursor:
+            cursor.execute(sql.REGISTER)
+        heard = tasks.add.apply_async((3, 3))
+        wait_for(lambda: TaskResultMeta.objects.filter(task_id=heard.id, status="SUCCESS"))
+        payloads = []
+        deadline = time.monotonic() + 5
+        while f"SUCCESS {heard.id}" not in payloads and time.monotonic() < deadline:
+            payloads += [n.payload for n in raw.notifies(timeout=0.2)]
+        assert f"SUCCESS {heard.id}" in payloads
+        with raw.cursor() as cursor:
+            cursor.execute(sql.UNREGISTER)
+    finally:
+        probe.close()
+
+
+def test_the_session_is_closed_when_nothing_is_waited_for(celery_app, monkeypatch):
+    monkeypatch.setattr(consumer, "IDLE_CLOSE", 0.5)
+    assert tasks.sleep.delay(0.2).get(timeout=20) == 0.2
+    assert len(listeners()) == 1
+    wait_for(lambda: listeners() == [], timeout=10)
+
+
+def test_a_dead_sessions_registration_is_pruned_by_the_next_listener(celery_app):
+    with connection.cursor() as cursor:
+        cursor.execute(f"INSERT INTO {sql.LISTENERS} (pid) VALUES (%s)", [2_000_000_000])
+    assert tasks.sleep.delay(0.2).get(timeout=20) == 0.2
+    assert 2_000_000_000 not in listeners()
+    assert len(listeners()) == 1
+
+
+def test_a_lost_session_is_opened_again_and_nothing_is_missed(celery_app):
+    assert tasks.sleep.delay(0.1).get(timeout=20) == 0.1
+    [pid] = listeners()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    assert max(lag(tasks.sleep.delay(0.3)) for _ in range(2)) < 1.0
+    assert listeners() and pid not in listeners()
+
+
+def test_a_join_that_finds_everything_done_opens_no_session(celery_app):
+    """The chord join in a worker: its parts are all stored when it runs."""
+    result = group(tasks.add.s(i, i) for i in range(3)).apply_async()
+    wait_for(
+        lambda: TaskResultMeta.objects.filter(group_id=result.id, status="SUCCESS").count() == 3
+    )
+    celery_app.backend.result_consumer.stop()
+    fresh = celery_app.GroupResult(result.id, [celery_app.AsyncResult(r.id) for r in result])
+    assert fresh.join_native(timeout=20) == [0, 2, 4]
+    assert listeners() == []
