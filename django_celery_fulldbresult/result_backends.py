@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections import deque
@@ -59,6 +60,10 @@ META_COLUMNS = (
     "periodic_task_name",
 )
 
+#: Registrations of pending results between two prunings of the entries whose objects are
+#: gone (``add_pending_result``).
+PRUNE_PENDING_EVERY = 1000
+
 #: Task ids read per statement by ``get_many`` (native join): within every database's
 #: limit on parameters.
 GET_MANY_BATCH = 500
@@ -91,6 +96,8 @@ class DatabaseResultBackend(AsyncBackendMixin, BaseBackend):
         self.failure_expires = (
             self.expires if failure_expires is None else self.prepare_expires(failure_expires)
         )
+        self._pending_lock = threading.Lock()
+        self._registrations = 0
         self.result_consumer = ResultConsumer(
             self, self.app, self.accept, self._pending_results, self._pending_messages
         )
@@ -334,9 +341,21 @@ class DatabaseResultBackend(AsyncBackendMixin, BaseBackend):
         return push.enabled()
 
     def add_pending_result(self, result: Any, weak: bool = False, start_drainer: bool = True):
+        """Registered weakly, whatever the caller asks: a result is waited for while its
+        object lives (a ``get()``, a group's members while the group lives). Celery
+        registers every member of every ``GroupResult`` built (``then()`` of its barrier), in
+        workers too where nobody waits; held strongly they would never be let go. Entries
+        whose objects are gone are pruned every ``PRUNE_PENDING_EVERY`` registrations."""
         if not self.is_async:
             return result
-        return super().add_pending_result(result, weak=weak, start_drainer=start_drainer)
+        with self._pending_lock:
+            self._registrations += 1
+            if self._registrations % PRUNE_PENDING_EVERY == 0:
+                for mapping in self._pending_results:
+                    for task_id, waiters in list(mapping.items()):
+                        if not waiters:
+                            mapping.pop(task_id, None)
+            return super().add_pending_result(result, weak=True, start_drainer=start_drainer)
 
     def wait_for_pending(self, result: Any, *args: Any, **kwargs: Any) -> Any:
         if not self.is_async:

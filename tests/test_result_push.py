@@ -175,3 +175,20 @@ def test_a_join_that_finds_everything_done_opens_no_session(celery_app):
     fresh = celery_app.GroupResult(result.id, [celery_app.AsyncResult(r.id) for r in result])
     assert fresh.join_native(timeout=20) == [0, 2, 4]
     assert listeners() == []
+
+
+def test_groups_built_and_dropped_keep_nothing_pending(celery_app):
+    """Celery registers every member of every GroupResult built (a worker building chords
+    too, where nobody waits): registered weakly and pruned, dropped groups leave nothing."""
+    import gc
+    import uuid
+
+    from django_celery_fulldbresult.result_backends import PRUNE_PENDING_EVERY
+
+    backend = celery_app.backend
+    for _ in range(PRUNE_PENDING_EVERY):
+        celery_app.GroupResult(
+            str(uuid.uuid4()), [celery_app.AsyncResult(str(uuid.uuid4())) for _ in range(3)]
+        )
+    gc.collect()
+    assert sum(len(mapping) for mapping in backend._pending_results) < PRUNE_PENDING_EVERY
