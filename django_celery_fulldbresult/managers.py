@@ -79,6 +79,10 @@ COLUMN_POLICY: dict[str, str] = {
 JSON_COLUMNS = frozenset({"args", "kwargs", "options", "meta"})
 #: Written by every INSERT even when the writer does not know them (field defaults).
 NOT_NULL_COLUMNS = frozenset({"task", "replayable"})
+#: What a write of an attempt fills once: a later write of the same attempt by the same
+#: writer leaves them out (its values are stored already; FILL never replaces them), so a
+#: SUCCESS after STARTED sends neither the arguments again nor their encoding.
+FILLED_ONCE = frozenset(c for c, p in COLUMN_POLICY.items() if p == FILL) - NOT_NULL_COLUMNS
 #: The states of a task a worker holds: recovered when that worker is gone.
 LOST_STATES = (RECEIVED, STARTED)
 _FINALS_SQL = ", ".join(f"'{state}'" for state in sorted(FINAL_STATES))

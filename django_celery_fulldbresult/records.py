@@ -7,6 +7,7 @@ re-send needs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import datetime
 from typing import Any
@@ -303,6 +304,26 @@ def from_request(app: Any, request: Any) -> dict[str, Any]:
         )
     if hidden:
         values["replayable"] = False
+    return values
+
+
+#: A request attribute: ``(attempt, values)`` of ``from_request`` for that request's attempt
+#: (task id, retries), computed once for all the attempt's writes.
+ROW_VALUES = "fulldb_row_values"
+#: A request attribute: the attempt whose row a write of this request has filled.
+ROW_FILLED = "fulldb_row_filled"
+
+
+def from_request_once(app: Any, request: Any, attempt: tuple[str, int | None]) -> dict[str, Any]:
+    """``from_request`` of the attempt, computed (arguments encoded, secrecy decided) once per
+    request object: a task's STARTED, progress and final writes share it."""
+    cached = getattr(request, ROW_VALUES, None)
+    if cached is not None and cached[0] == attempt:
+        return cached[1]
+    values = from_request(app, request)
+    # A request object that takes no attributes: computed for each write.
+    with contextlib.suppress(AttributeError):
+        setattr(request, ROW_VALUES, (attempt, values))
     return values
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from django.utils import timezone
 from kombu.exceptions import EncodeError
 
 from . import chords, conf, db, encryption, push, receipt, records, secrecy, serialization
+from .managers import FILLED_ONCE
 from .models import GroupResultMeta, TaskResultMeta
 from .push.consumer import ResultConsumer
 from .states import REVOCABLE_STATES
@@ -231,12 +233,16 @@ class DatabaseResultBackend(AsyncBackendMixin, BaseBackend):
             "date_started": now if state == states.STARTED else None,
             "date_modified": now,
         }
-        retries = None
+        retries = attempt = None
         # update_state(task_id=other) passes the *current* request: only use a
         # request's metadata for its own task.
         if own_request:
-            values.update(records.from_request(self.app, request))
             retries = records.request_retries(request)
+            attempt = (task_id, retries)
+            known = records.from_request_once(self.app, request, attempt)
+            if getattr(request, records.ROW_FILLED, None) == attempt:
+                known = {k: v for k, v in known.items() if k not in FILLED_ONCE}
+            values.update(known)
         # A revoke from outside the worker running the task (AsyncResult.revoke(), the
         # control command) only ends a task that is still waiting (Celery 5.7's rule).
         only_over = REVOCABLE_STATES if state == states.REVOKED and not own_request else None
@@ -246,6 +252,9 @@ class DatabaseResultBackend(AsyncBackendMixin, BaseBackend):
                 values, using=using, retries=retries, only_over=only_over
             )
         )
+        if attempt is not None:
+            with contextlib.suppress(AttributeError):
+                setattr(request, records.ROW_FILLED, attempt)
         return result
 
     def _is_secret(self, request: Any) -> bool:

@@ -145,3 +145,47 @@ def test_chord_with_a_failing_member_fails_the_body():
         result.get(timeout=30)
     wait_for(lambda: TaskResultMeta.objects.filter(task_id=result.id, status=states.FAILURE), 20)
     assert "member" in TaskResultMeta.objects.get(task_id=result.id).traceback
+
+
+def test_a_later_write_of_an_attempt_does_not_send_its_arguments_again(celery_app):
+    """STARTED stores the call; SUCCESS, progress and RETRY writes of the same attempt (the
+    same request) leave the arguments out: stored already, and FILL never replaces them. A
+    new attempt (a retry's request) sends them again."""
+    from celery.app.task import Context
+    from django.db import connections
+    from django.test.utils import CaptureQueriesContext
+
+    from django_celery_fulldbresult import db
+
+    big = "a" * 20_000
+    task_id = str(uuid.uuid4())
+    request = Context(
+        id=task_id,
+        task="testproject.demo.tasks.echo",
+        args=[big],
+        kwargs={"k": big},
+        argsrepr="...",
+        kwargsrepr="...",
+        hostname="w@test",
+        delivery_info={"routing_key": "celery", "exchange": "", "priority": 0},
+        retries=0,
+        is_eager=False,
+    )
+    backend = celery_app.backend
+    captured = CaptureQueriesContext(connections[db.write_alias()])
+    with captured:
+        backend.store_result(task_id, None, states.STARTED, request=request)
+    assert big in captured.captured_queries[-1]["sql"]
+    with captured:
+        backend.store_result(task_id, {"step": 1}, "PROGRESS", request=request)
+        backend.store_result(task_id, 2, states.SUCCESS, request=request)
+    assert len(captured) == 2
+    assert all(big not in query["sql"] for query in captured.captured_queries)
+    assert all(len(query["sql"]) < 3_000 for query in captured.captured_queries)
+    row = TaskResultMeta.objects.get(task_id=task_id)
+    assert (row.status, row.args, row.kwargs) == (states.SUCCESS, [big], {"k": big})
+    assert (row.task, row.queue, row.hostname) == (request.task, "celery", "w@test")
+    retry = Context(request.__dict__, retries=1)
+    with captured:
+        backend.store_result(task_id, None, states.STARTED, request=retry)
+    assert big in captured.captured_queries[-1]["sql"]
