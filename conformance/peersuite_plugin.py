@@ -56,6 +56,12 @@ def pytest_addoption(parser):
         help="lower every timeout marker above this many seconds to it (default 90)",
     )
     group.addoption(
+        "--deselect-exact",
+        action="append",
+        default=[],
+        help="deselect this test id only (pytest's --deselect also takes every id it prefixes)",
+    )
+    group.addoption(
         "--peer-keep-db",
         action="store_true",
         default=os.environ.get("PEER_SUITE_KEEP_DB") == "1",
@@ -151,6 +157,12 @@ def pytest_sessionstart(session):
 
 
 def pytest_collection_modifyitems(session, config, items):
+    exact = set(config.getoption("deselect_exact"))
+    if exact:
+        dropped = [item for item in items if item.nodeid.split("[")[0] in exact]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [item for item in items if item not in dropped]
     cap = config.getoption("peer_timeout_cap")
     if not cap or cap <= 0:
         return

@@ -55,8 +55,16 @@ def quiet(celery_app):
     """Each test starts without a listening session of the process."""
     assert push.enabled()
     celery_app.backend.result_consumer.stop()
+    forget_registrations()
     yield
     celery_app.backend.result_consumer.stop()
+    forget_registrations()
+
+
+def forget_registrations() -> None:
+    """The listeners table is not a model: emptied here, as the test database's tables are."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"DELETE FROM {sql.LISTENERS}")
 
 
 def test_get_returns_as_soon_as_the_result_is_stored(celery_app):
@@ -143,8 +151,12 @@ def test_writers_notify_only_while_a_session_is_registered(celery_app):
 
 def test_the_session_is_closed_when_nothing_is_waited_for(celery_app, monkeypatch):
     monkeypatch.setattr(consumer, "IDLE_CLOSE", 0.5)
-    assert tasks.sleep.delay(0.2).get(timeout=20) == 0.2
-    assert len(listeners()) == 1
+    result = tasks.sleep.delay(1.5)
+    waiter = threading.Thread(target=result.get, kwargs={"timeout": 20})
+    waiter.start()
+    wait_for(lambda: len(listeners()) == 1, timeout=5)  # registered while it waits
+    waiter.join(20)
+    assert result.ready()
     wait_for(lambda: listeners() == [], timeout=10)
 
 
@@ -192,3 +204,19 @@ def test_groups_built_and_dropped_keep_nothing_pending(celery_app):
         )
     gc.collect()
     assert sum(len(mapping) for mapping in backend._pending_results) < PRUNE_PENDING_EVERY
+
+
+def test_a_session_that_hears_nothing_falls_back_to_polling(celery_app, monkeypatch, caplog):
+    """Behind a pooler in transaction mode a session may LISTEN on a server connection that
+    is not its own: its probe never comes back, it unregisters, and waiting polls."""
+    from django_celery_fulldbresult.push import listener
+
+    monkeypatch.setattr(sql, "LISTEN", "LISTEN fulldbresult_elsewhere")
+    monkeypatch.setattr(listener, "PROBE_TIMEOUT", 0.3)
+    monkeypatch.setattr(celery_app.backend.result_consumer, "_retry_at", 0.0)
+    monkeypatch.setattr(celery_app.backend.result_consumer, "_unheard_logged", False)
+    started = time.monotonic()
+    assert tasks.sleep.delay(0.2).get(timeout=20) == 0.2
+    assert time.monotonic() - started < 3
+    assert listeners() == []
+    assert "no notification came back" in caplog.text

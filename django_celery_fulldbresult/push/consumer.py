@@ -25,7 +25,7 @@ from celery.backends.asynchronous import BaseResultConsumer
 from celery.result import ResultSet
 
 from .. import db
-from .listener import Listener
+from .listener import Listener, NotHeard
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ IDLE_CLOSE = 30.0
 #: of waiting meanwhile (Celery's polling interval).
 RECONNECT_AFTER = 1.0
 POLL_INTERVAL = 0.5
+#: Seconds before a session that heard nothing (``listener.NotHeard``) is tried again.
+RETRY_UNHEARD_AFTER = 300.0
 
 
 class ResultConsumer(BaseResultConsumer):
@@ -47,6 +49,7 @@ class ResultConsumer(BaseResultConsumer):
         self._listener: Listener | None = None
         self._next_poll = 0.0
         self._retry_at = 0.0
+        self._unheard_logged = False
         self._last_waited = time.monotonic()
         self._reaper: threading.Thread | None = None
 
@@ -82,14 +85,16 @@ class ResultConsumer(BaseResultConsumer):
         else:
             ids = [result.id]
         self._last_waited = time.monotonic()
+        # The session that listened before this read began, if any: what it did not hear
+        # was stored before the read, which sees it.
+        before = self._listener if self._listener is not None and self._listener.is_open else None
         self._deliver([task_id for task_id in ids if task_id in self._waited()])
         still = [task_id for task_id in ids if task_id in self._waited()]
         if not still:
             return
         with self._lock:
-            listened = self._listener is not None and self._listener.is_open
-            opened = listened or self._listening() is not None
-        if opened and not listened:
+            listener = self._listening()
+        if listener is not None and listener is not before:
             self._deliver(still)
 
     def drain_events(self, timeout: float | None = None) -> None:
@@ -118,6 +123,13 @@ class ResultConsumer(BaseResultConsumer):
         listener = Listener(db.task_db_alias())
         try:
             listener.open()
+        except NotHeard as exc:
+            if not self._unheard_logged:
+                logger.warning("result push: %s", exc)
+                self._unheard_logged = True
+            self._retry_at = now + RETRY_UNHEARD_AFTER
+            self._next_poll = 0.0
+            return None
         except Exception as exc:  # noqa: BLE001 - waiting polls until the database is back
             logger.warning("result push: cannot listen (%s); polling meanwhile", exc)
             self._retry_at = now + RECONNECT_AFTER

@@ -14,6 +14,8 @@ import logging
 import os
 import select
 import threading
+import time
+import uuid
 import weakref
 from typing import Any
 
@@ -28,6 +30,14 @@ _opened_lock = threading.Lock()
 _opened: list[weakref.ref[Listener]] = []
 
 
+#: Seconds a new session waits to hear its own probe notification.
+PROBE_TIMEOUT = 2.0
+
+
+class NotHeard(Exception):
+    """The session listens but hears nothing (``Listener._probe``)."""
+
+
 class Listener:
     """``open()``, then ``wait(timeout)`` for ``(status, task_id)`` pairs, ``close()``."""
 
@@ -36,6 +46,7 @@ class Listener:
         self.raw: Any = None
         self.errors: tuple[type[BaseException], ...] = (OSError,)
         self._psycopg2 = False
+        self._heard: list[str] = []
 
     @property
     def is_open(self) -> bool:
@@ -47,27 +58,57 @@ class Listener:
         wrapper = type(base)({**base.settings_dict, "OPTIONS": options}, self.alias)
         self.errors = (wrapper.Database.Error, OSError)
         raw = wrapper.get_new_connection(wrapper.get_connection_params())
+        self._psycopg2 = type(raw).__module__.startswith("psycopg2")
+        self.raw = raw
         try:
             raw.autocommit = True
             with contextlib.closing(raw.cursor()) as cursor:
                 for statement in (sql.PRUNE, sql.REGISTER, sql.LISTEN):
                     cursor.execute(statement)
+            self._probe()
         except BaseException:
-            with contextlib.suppress(Exception):
-                raw.close()
+            self.close()
             raise
-        self._psycopg2 = type(raw).__module__.startswith("psycopg2")
-        self.raw = raw
         with _opened_lock:
             _opened.append(weakref.ref(self))
+
+    def _probe(self) -> None:
+        """Notify the channel and hear it back: a session behind a pooler in transaction
+        mode (PgBouncer) may listen on a server connection that is not its own and hear
+        nothing. Notifications heard meanwhile are kept for the next ``wait()``."""
+        token = f"{sql.PROBE} {uuid.uuid4().hex}"
+        with contextlib.closing(self.raw.cursor()) as cursor:
+            cursor.execute(sql.NOTIFY, [token])
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        # A session's own notification comes back with the NOTIFY's reply: the driver holds
+        # it already and the socket never turns readable for it, so look before selecting.
+        readable = True
+        while True:
+            heard = self._drain() if readable else []
+            if token in heard:
+                heard.remove(token)
+                self._heard += heard  # handed over by the next wait()
+                return
+            self._heard += heard
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            readable, _, _ = select.select([self.raw.fileno()], [], [], min(0.05, left))
+        raise NotHeard(
+            f"no notification came back within {PROBE_TIMEOUT} s on a session that listens "
+            "(a connection pooler in transaction mode?); waiting for results polls. "
+            "DJANGO_CELERY_FULLDBRESULT_RESULT_PUSH = False says so without trying."
+        )
 
     def wait(self, timeout: float) -> list[tuple[str, str]]:
         """The notifications that arrive within ``timeout`` seconds (those already there at
         once): ``(status, task_id)`` pairs. Raises ``self.errors`` on a lost session."""
-        readable, _, _ = select.select([self.raw.fileno()], [], [], max(0.0, timeout))
-        if not readable:
-            return []
-        return [_parse(payload) for payload in self._drain()]
+        heard, self._heard = self._heard, []
+        if not heard:
+            readable, _, _ = select.select([self.raw.fileno()], [], [], max(0.0, timeout))
+            if readable:
+                heard = self._drain()
+        return [_parse(payload) for payload in heard]
 
     def _drain(self) -> list[str]:
         if self._psycopg2:

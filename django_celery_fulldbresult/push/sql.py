@@ -56,4 +56,7 @@ REGISTER = (
     " ON CONFLICT (pid) DO UPDATE SET since = now()"
 )
 LISTEN = f"LISTEN {CHANNEL}"
+#: A new session's check that it hears the channel (a payload no state has).
+PROBE = "PROBE"
+NOTIFY = f"SELECT pg_notify('{CHANNEL}', %s)"
 UNREGISTER = f"DELETE FROM {LISTENERS} WHERE pid = pg_backend_pid()"
