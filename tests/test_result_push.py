@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 
+import celery
 import pytest
 from celery import group
 from django.db import connection, connections
@@ -29,6 +30,10 @@ from .conftest import requires_postgresql, wait_for
 pytestmark = [
     pytest.mark.django_db(transaction=True),
     requires_postgresql,
+    pytest.mark.skipif(
+        tuple(celery.VERSION[:2]) < push.CELERY_ASYNC_API,
+        reason="Celery 5.7+: before it, waiting polls (Celery's synchronous API)",
+    ),
     pytest.mark.usefixtures("worker"),
 ]
 

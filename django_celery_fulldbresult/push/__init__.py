@@ -10,18 +10,26 @@ its notification arrives. Elsewhere, and with ``RESULT_PUSH = False``, waiting p
 
 from __future__ import annotations
 
+import celery
 from django.db import connections
 
 from .. import conf, db
+
+#: The first Celery whose asynchronous result API keeps every result object waiting on a
+#: task id (celery#4925) and hands over ready results before a timeout: before it, a second
+#: ``AsyncResult`` of the same id, a group rebuilt from ids, never wakes.
+CELERY_ASYNC_API = (5, 7)
 
 
 def enabled() -> bool:
     """Whether waiting for results in this process uses the push (LISTEN/NOTIFY).
 
-    PostgreSQL only, and not in Django's test environment unless the package's own
-    connection is used there too: the listening session would outlive a test database
-    that the test runner then cannot drop.
+    PostgreSQL and Celery 5.7+ only, and not in Django's test environment unless the
+    package's own connection is used there too: the listening session would outlive a test
+    database that the test runner then cannot drop.
     """
-    if not conf.get("RESULT_PUSH") or not db.uses_own_connection():
+    if not conf.get("RESULT_PUSH") or tuple(celery.VERSION[:2]) < CELERY_ASYNC_API:
+        return False
+    if not db.uses_own_connection():
         return False
     return connections[db.task_db_alias()].vendor == "postgresql"
