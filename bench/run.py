@@ -2,7 +2,7 @@
 run, to BENCHMARKS.md at the top of the repository: ``make bench``).
 
     python bench/run.py            # stores, e2e, stale_plan, scheduler, stats_bench, admin,
-                                   # chord_bench, publish_bench
+                                   # chord_bench, publish_bench, wait_bench
     python bench/run.py --quick    # smaller counts, a smoke test (about 3.5 min)
     python bench/run.py --only stores,e2e
 
@@ -13,8 +13,10 @@ settings) with a time limit; the runs are isolated from the tests and the demo
 ``/tmp/fulldb-bench-sched``; admin.py: ``fulldb_bench_admin``, ``bench_admin``,
 ``/tmp/fulldb-bench-admin``; chord_bench.py: ``fulldb_bench_chords``, ``bench_chords``,
 ``/tmp/fulldb-bench-chords``; publish_bench.py: ``fulldb_bench_publish``,
-``bench_publish``, ``/tmp/fulldb-bench-publish``). PostgreSQL and RabbitMQ on 127.0.0.1 must be up
-(``bash scripts/services.sh`` starts them; this script tries it once).
+``bench_publish``, ``/tmp/fulldb-bench-publish``; wait_bench.py: ``fulldb_bench_wait``,
+``bench_wait``, ``/tmp/fulldb-bench-wait``, Redis database 11). PostgreSQL and RabbitMQ on
+127.0.0.1 must be up, and Redis for wait_bench.py (``bash scripts/services.sh`` starts them;
+this script tries it once).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ BENCHMARKS = {
     "admin": ("admin.py", [], 420, ["--repeat", "3", "--no-dcr"]),
     "chords": ("chord_bench.py", [], 600, ["--quick"]),
     "publish": ("publish_bench.py", [], 900, ["--rounds", "2"]),
+    "wait": ("wait_bench.py", [], 720, ["--quick"]),
 }
 #: Benchmarks that keep 1M rows across runs; --refill rebuilds them.
 REFILLABLE = ("stale", "scheduler", "stats", "admin")
@@ -63,8 +66,11 @@ def reachable(port: int) -> bool:
         return False
 
 
-def ensure_services() -> None:
-    for name, port in (("pg", 5432), ("rabbit", 5672)):
+def ensure_services(names: list[str]) -> None:
+    services = [("pg", 5432), ("rabbit", 5672)]
+    if "wait" in names:
+        services.append(("redis", 6379))  # wait_bench.py's anchor: Celery's Redis backend
+    for name, port in services:
         if not reachable(port):
             print(f"{name} is down on 127.0.0.1:{port}; trying scripts/services.sh {name}")
             subprocess.run(["bash", str(REPO / "scripts" / "services.sh"), name], timeout=120)
@@ -292,15 +298,20 @@ def headline(results: dict[str, dict]) -> str:
                     f"{publish['plain_ms'] / publish['django_enqueue_ms']:.2f}x",
                 ]
             )
+    wait = results.get("wait")
+    if wait and not wait.get("failed"):
+        rows.extend(wait_rows(wait))
     failed = [name for name, r in results.items() if r.get("failed")]
     text = (
         "Baseline: django-celery-results for the result backend rows; Celery without the "
         "scheduler (native broker ETA, plain `apply_async`) for the `scheduler:` rows, plain "
         "`apply_async` (tracking off, same process) for the `publish tracking` and `Django @task: "
         "ms per enqueue` rows, the plain Celery task `add` in the same configuration for the "
-        "end-to-end Django @task row. "
-        "The ratio of the chord row and of the `ms per` rows is the baseline's time over ours "
-        "(higher is better for us).\n\n"
+        "end-to-end Django @task row, "
+        "ours with `RESULT_PUSH = False` (polling) or Celery's Redis result backend for the "
+        "`wait:` rows. "
+        "The ratio of the chord row, of the `ms per` rows and of the `wait:` lag and statement "
+        "rows is the baseline's time (or count) over ours (higher is better for us).\n\n"
     )
     text += _common.table(["measure", "ours", "baseline", "ours / baseline"], rows)
     if failed:
@@ -467,6 +478,72 @@ def chord_rows(result: dict) -> list[list[str]]:
     ]
 
 
+def wait_rows(result: dict) -> list[list[str]]:
+    """The summary rows of wait_bench.py: get() lag pushed vs polled and vs Redis, the
+    statements of a wait, and what push costs the writes."""
+    rows = []
+    modes = result["modes"]
+    push, poll, redis = modes.get("push"), modes.get("poll"), modes.get("redis")
+    threads = result["threads"]
+
+    def lag(mode: dict | None, kind: str) -> str:
+        if not mode:
+            return ""
+        return f"{mode[kind]['p50_ms']:.1f} / {mode[kind]['p99_ms']:.1f}"
+
+    def ratio(base: dict | None, kind: str) -> str:
+        if not (push and base):
+            return ""
+        return f"**{base[kind]['p50_ms'] / push[kind]['p50_ms']:.2f}x**"
+
+    if push:
+        for kind, label in (("sequential", "1 waiter"), ("threads", f"{threads} threads")):
+            rows.append(
+                [
+                    f"wait: get() lag p50 / p99 ms after the task returns, {label}, "
+                    f"{result['samples']} tasks of 20-80 ms (baseline: RESULT_PUSH=False, "
+                    "polling)",
+                    lag(push, kind),
+                    lag(poll, kind),
+                    ratio(poll, kind),
+                ]
+            )
+        if redis:
+            rows.append(
+                [
+                    "wait: get() lag p50 / p99 ms, 1 waiter (anchor: Celery's Redis result "
+                    "backend)",
+                    lag(push, "sequential"),
+                    lag(redis, "sequential"),
+                    ratio(redis, "sequential"),
+                ]
+            )
+    if push and poll and "statements" in push and "statements" in poll:
+        ours, base = push["statements"], poll["statements"]
+        rows.append(
+            [
+                "wait: statements sent while waiting on a 2 s task, session listening (first "
+                "wait, session opened) (baseline: polling)",
+                f"{ours['next']['statements']} ({ours['first']['statements']})",
+                str(base["next"]["statements"]),
+                f"{base['next']['statements'] / ours['next']['statements']:.2f}x",
+            ]
+        )
+    writes = result.get("write_path")
+    if writes:
+        summary = writes["summary"]
+        rows.append(
+            [
+                "result push: backend writes/s with one listening session registered "
+                "(baseline: none registered; ratio: median of the rounds' ratios)",
+                summary["one registered"]["writes_per_s"],
+                summary["none registered"]["writes_per_s"],
+                f"**{writes['ratio']:.3f}x**",
+            ]
+        )
+    return rows
+
+
 def report(results: dict[str, dict], info: dict[str, str], total: float) -> str:
     lines = ["# django-celery-fulldbresult benchmarks", ""]
     lines.append(f"Command: `{info['command']}` (from the repository root), total {total:.0f} s.")
@@ -504,7 +581,7 @@ def main() -> int:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
 
     Path(_common.VAR_DIR).mkdir(parents=True, exist_ok=True)
-    ensure_services()
+    ensure_services(names)
     info = _common.machine_info(command)
     started = time.monotonic()
     results: dict[str, dict] = {}

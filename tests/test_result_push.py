@@ -117,6 +117,31 @@ def test_threads_waiting_at_once_each_return_promptly(celery_app):
     assert max(lags.values()) < PROMPT * 2, lags
 
 
+def test_threads_with_backends_of_their_own_share_one_session(celery_app):
+    """Celery gives each thread a backend of its own (unless the backend says it is
+    ``thread_safe``): a threaded web server's waits still hold one session per process."""
+    assert not celery_app.backend.thread_safe
+    ids = [tasks.sleep.delay(1.0 + 0.1 * i).id for i in range(4)]
+    backends, lags = set(), {}
+    seen_sessions: list[int] = []
+
+    def wait(i: int) -> None:
+        result = celery_app.AsyncResult(ids[i])  # this thread's backend
+        backends.add(id(result.backend))
+        lags[i] = lag(result)
+
+    threads = [threading.Thread(target=wait, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: listeners(), timeout=5)
+    while any(thread.is_alive() for thread in threads):
+        seen_sessions.append(len(listeners()))
+        time.sleep(0.05)
+    assert len(backends) == 4
+    assert max(seen_sessions) == 1, seen_sessions
+    assert max(lags.values()) < PROMPT * 2, lags
+
+
 def test_writers_notify_only_while_a_session_is_registered(celery_app):
     """A listener that did not register hears nothing: the trigger's gate. Registered (a
     waiter of this process), it hears each state written."""
@@ -218,8 +243,8 @@ def test_a_session_that_hears_nothing_falls_back_to_polling(celery_app, monkeypa
 
     monkeypatch.setattr(sql, "LISTEN", "LISTEN fulldbresult_elsewhere")
     monkeypatch.setattr(listener, "PROBE_TIMEOUT", 0.3)
-    monkeypatch.setattr(celery_app.backend.result_consumer, "_retry_at", 0.0)
-    monkeypatch.setattr(celery_app.backend.result_consumer, "_unheard_logged", False)
+    monkeypatch.setattr(consumer.hub(), "retry_at", 0.0)
+    monkeypatch.setattr(consumer.hub(), "unheard_logged", False)
     started = time.monotonic()
     assert tasks.sleep.delay(0.2).get(timeout=20) == 0.2
     assert time.monotonic() - started < 3

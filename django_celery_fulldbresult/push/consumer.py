@@ -3,21 +3,28 @@
 ``AsyncResult.get()``, ``GroupResult.join_native`` (``iter_native``), ``then()`` callbacks
 and the chord join register the results they wait for with the backend; the consumer's
 ``drain_events`` waits on the process's listening session (``listener.py``) and reads the
-rows whose notification names a waited-for task, one statement for all of them.
+rows whose notification names a waited-for task, one statement per backend for all of them.
 
-What a notification can miss is read anyway: the first read of a wait happens after the
-session listens, a lost session is opened again and every waited-for task read at once,
-and every ``SAFETY_POLL`` seconds of silence the waited-for tasks are read in one statement
-(a write whose statement began before this process first listened, and committed after
-its first read, was not notified). Threads share one session: one waits on it, and a thread
-that found it busy returns at once to look at its own result, which the other may have set.
+One session per process (``Hub``), whatever the number of backends: Celery gives each
+thread a backend of its own (the backend is not ``thread_safe``), and a web server's threads
+would otherwise hold a session each. One thread drains for every backend
+of the process; a thread that finds the session busy waits for it and returns to look at
+its own result, which the other may have set.
+
+What a notification can miss is read anyway: a wait reads again once the session listens
+(unless it listened before the wait's first read), a lost session is opened again and
+every waited-for task read at once, and every ``SAFETY_POLL`` seconds of silence the
+waited-for tasks are read (a write whose statement began before the session first listened,
+and committed after a wait's first read, was not notified).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from typing import Any
 
 from celery import states
@@ -42,16 +49,131 @@ POLL_INTERVAL = 0.5
 RETRY_UNHEARD_AFTER = 300.0
 
 
+class Hub:
+    """The process's listening session and the consumers (one per backend) it serves."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.listener: Listener | None = None
+        self.consumers: weakref.WeakSet[ResultConsumer] = weakref.WeakSet()
+        self.next_poll = 0.0
+        self.retry_at = 0.0
+        self.unheard_logged = False
+        self.last_waited = time.monotonic()
+        self.reaper: threading.Thread | None = None
+
+    def open_listener(self) -> Listener | None:
+        """The open session (opened on first need), or None while it cannot be opened.
+        Called with ``lock`` held."""
+        if self.listener is not None and self.listener.is_open:
+            return self.listener
+        now = time.monotonic()
+        if now < self.retry_at:
+            return None
+        listener = Listener(db.task_db_alias())
+        try:
+            listener.open()
+        except NotHeard as exc:
+            if not self.unheard_logged:
+                logger.warning("result push: %s", exc)
+                self.unheard_logged = True
+            self.retry_at = now + RETRY_UNHEARD_AFTER
+            self.next_poll = 0.0
+            return None
+        except Exception as exc:  # noqa: BLE001 - waiting polls until the database is back
+            logger.warning("result push: cannot listen (%s); polling meanwhile", exc)
+            self.retry_at = now + RECONNECT_AFTER
+            self.next_poll = 0.0
+            return None
+        self.listener = listener
+        # The caller reads what it waits for now (stored before the session listened).
+        self.next_poll = now + SAFETY_POLL
+        if self.reaper is None or not self.reaper.is_alive():
+            self.reaper = threading.Thread(
+                target=self._close_when_idle, name="fulldb-result-push", daemon=True
+            )
+            self.reaper.start()
+        return listener
+
+    def current(self) -> Listener | None:
+        listener = self.listener
+        return listener if listener is not None and listener.is_open else None
+
+    def close(self) -> None:
+        with self.lock:
+            if self.listener is not None:
+                self.listener.close()
+                self.listener = None
+
+    def _close_when_idle(self) -> None:
+        """Close the session once nobody has waited during ``IDLE_CLOSE`` (a result that
+        was given up on, a ``get()`` that timed out, stays pending in Celery: not counted)."""
+        while True:
+            time.sleep(min(1.0, IDLE_CLOSE / 4))
+            if time.monotonic() - self.last_waited < IDLE_CLOSE:
+                continue
+            if not self.lock.acquire(blocking=False):
+                continue  # someone is waiting right now
+            try:
+                if self.listener is not None:
+                    self.listener.close()
+                    self.listener = None
+                return
+            finally:
+                self.lock.release()
+
+    def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for notifications and hand each backend's waited-for
+        tasks their rows. Called with ``lock`` held."""
+        listened = self.current() is not None
+        listener = self.open_listener()
+        if listener is not None and not listened:
+            self.next_poll = 0.0  # opened here: what was stored before is read now
+        now = time.monotonic()
+        wait = max(0.0, min(timeout, self.next_poll - now))
+        notices: list[tuple[str, str]] = []
+        if listener is None:
+            time.sleep(min(wait, POLL_INTERVAL))
+        else:
+            try:
+                notices = listener.wait(wait)
+            except listener.errors as exc:
+                logger.warning("result push: listening session lost (%s); reconnecting", exc)
+                listener.close()
+                self.listener = None
+                self.next_poll = 0.0
+        poll = listener is None or time.monotonic() >= self.next_poll
+        if poll:
+            self.next_poll = time.monotonic() + SAFETY_POLL
+        for consumer in list(self.consumers):
+            consumer.hand_over(notices, poll)
+
+
+_hub = Hub()
+
+
+def hub() -> Hub:
+    return _hub
+
+
+def _new_hub_after_fork() -> None:
+    # The listener module drops the parent's session in the child; the lock and the
+    # reaper thread of the parent are not the child's.
+    global _hub
+    consumers = list(_hub.consumers)
+    _hub = Hub()
+    for consumer in consumers:
+        _hub.consumers.add(consumer)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_hub_after_fork)
+
+
 class ResultConsumer(BaseResultConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._lock = threading.Lock()
-        self._listener: Listener | None = None
-        self._next_poll = 0.0
-        self._retry_at = 0.0
-        self._unheard_logged = False
-        self._last_waited = time.monotonic()
-        self._reaper: threading.Thread | None = None
+        hub().consumers.add(self)
 
     # -- what Celery calls ------------------------------------------------------
 
@@ -65,133 +187,62 @@ class ResultConsumer(BaseResultConsumer):
         """Nothing to unsubscribe (see ``consume_from``)."""
 
     def stop(self) -> None:
-        with self._lock:
-            if self._listener is not None:
-                self._listener.close()
-                self._listener = None
-
-    def on_after_fork(self) -> None:
-        # The listener module dropped the parent's session in the child already.
-        self._listener = None
-        self._reaper = None
+        """Close the process's session (the next wait opens it again)."""
+        hub().close()
 
     def on_wait_for_pending(self, result: Any, timeout: float | None = None, **kwargs: Any):
         """Read what is stored already (a group's members: one statement); when something
         is still to come, listen, and read those again (what was stored before the session
-        listened was not notified). A wait that finds everything done, as the chord join
-        does, opens no session."""
+        listened was not notified) unless the session listened before the first read began.
+        A wait that finds everything done, as the chord join does, opens no session."""
         if isinstance(result, ResultSet):
             ids = [node.id for node in result.results if not isinstance(node, ResultSet)]
         else:
             ids = [result.id]
-        self._last_waited = time.monotonic()
-        # The session that listened before this read began, if any: what it did not hear
-        # was stored before the read, which sees it.
-        before = self._listener if self._listener is not None and self._listener.is_open else None
+        shared = hub()
+        shared.last_waited = time.monotonic()
+        before = shared.current()
         self._deliver([task_id for task_id in ids if task_id in self._waited()])
         still = [task_id for task_id in ids if task_id in self._waited()]
         if not still:
             return
-        with self._lock:
-            listener = self._listening()
+        with shared.lock:
+            listener = shared.open_listener()
         if listener is not None and listener is not before:
             self._deliver(still)
 
     def drain_events(self, timeout: float | None = None) -> None:
         timeout = 1.0 if timeout is None else timeout
-        if not self._lock.acquire(blocking=False):
-            # Another thread is draining, for every waiter of the process: once it is done,
-            # the caller looks at its own result (which it may have set).
-            if self._lock.acquire(timeout=timeout):
-                self._lock.release()
+        shared = hub()
+        if not shared.lock.acquire(blocking=False):
+            # Another thread is draining, for every backend of the process: once it is
+            # done, the caller looks at its own result (which it may have set).
+            if shared.lock.acquire(timeout=timeout):
+                shared.lock.release()
             return
         try:
-            self._last_waited = time.monotonic()
-            self._drain(timeout)
+            shared.last_waited = time.monotonic()
+            shared.drain(timeout)
         finally:
-            self._lock.release()
+            shared.lock.release()
 
     # -- the work -----------------------------------------------------------------
 
-    def _listening(self) -> Listener | None:
-        """The open session (opened on first need), or None while it cannot be opened."""
-        if self._listener is not None and self._listener.is_open:
-            return self._listener
-        now = time.monotonic()
-        if now < self._retry_at:
-            return None
-        listener = Listener(db.task_db_alias())
-        try:
-            listener.open()
-        except NotHeard as exc:
-            if not self._unheard_logged:
-                logger.warning("result push: %s", exc)
-                self._unheard_logged = True
-            self._retry_at = now + RETRY_UNHEARD_AFTER
-            self._next_poll = 0.0
-            return None
-        except Exception as exc:  # noqa: BLE001 - waiting polls until the database is back
-            logger.warning("result push: cannot listen (%s); polling meanwhile", exc)
-            self._retry_at = now + RECONNECT_AFTER
-            self._next_poll = 0.0
-            return None
-        self._listener = listener
-        # The caller reads what it waits for now (stored before the session listened).
-        self._next_poll = now + SAFETY_POLL
-        if self._reaper is None or not self._reaper.is_alive():
-            self._reaper = threading.Thread(
-                target=self._close_when_idle, name="fulldb-result-push", daemon=True
-            )
-            self._reaper.start()
-        return listener
-
-    def _close_when_idle(self) -> None:
-        """Close the session once nobody has waited during ``IDLE_CLOSE`` (a result that
-        was given up on, a ``get()`` that timed out, stays pending in Celery: not counted)."""
-        while True:
-            time.sleep(min(1.0, IDLE_CLOSE / 4))
-            if time.monotonic() - self._last_waited < IDLE_CLOSE:
-                continue
-            if not self._lock.acquire(blocking=False):
-                continue  # someone is waiting right now
-            try:
-                if self._listener is not None:
-                    self._listener.close()
-                    self._listener = None
-                return
-            finally:
-                self._lock.release()
-
-    def _drain(self, timeout: float) -> None:
-        listened = self._listener is not None and self._listener.is_open
-        listener = self._listening()
-        if listener is not None and not listened:
-            self._next_poll = 0.0  # opened here: what was stored before is read now
-        now = time.monotonic()
-        wait = max(0.0, min(timeout, self._next_poll - now))
-        notified: set[str] = set()
-        if listener is None:
-            wait = min(wait, POLL_INTERVAL)
-            time.sleep(wait)
-        else:
-            try:
-                notices = listener.wait(wait)
-            except listener.errors as exc:
-                logger.warning("result push: listening session lost (%s); reconnecting", exc)
-                listener.close()
-                self._listener = None
-                self._next_poll = 0.0
-                notices = []
-            wanted = states.READY_STATES if self.on_message is None else None
-            notified = {
-                task_id for status, task_id in notices if wanted is None or status in wanted
-            }
+    def hand_over(self, notices: list[tuple[str, str]], poll: bool) -> None:
+        """Read the rows of this backend's waited-for tasks that were notified (all of them
+        on a safety read)."""
         waited = self._waited()
-        if listener is None or time.monotonic() >= self._next_poll:
-            self._next_poll = time.monotonic() + SAFETY_POLL
+        if not waited:
+            return
+        if poll:
             ids = waited
         else:
-            ids = notified & waited
+            wanted = states.READY_STATES if self.on_message is None else None
+            ids = {
+                task_id
+                for status, task_id in notices
+                if task_id in waited and (wanted is None or status in wanted)
+            }
         if ids:
             self._deliver(sorted(ids))
 
