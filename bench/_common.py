@@ -327,6 +327,44 @@ def _memory() -> str:
 # -- output -----------------------------------------------------------------
 
 
+#: Seconds a child bench process gets to stop its worker before it is killed.
+CHILD_STOP_TIMEOUT = 60.0
+
+
+def run_child(
+    label: str, script: str, argv: list[str], child: str, out: Path, env: dict[str, str]
+) -> dict[str, Any] | None:
+    """Run ``script --child <child> --child-out <out>`` with ``env`` and return the JSON it
+    wrote (None when it failed). Ctrl-C reaches the child too (it stops its worker in a
+    finally); run.py's time limit (SIGTERM, turned into SystemExit here) is passed on."""
+    out.unlink(missing_ok=True)
+    command = [sys.executable, script, *argv, "--child", child, "--child-out", str(out)]
+    print(f"{label}: {child}", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(command, cwd=REPO, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        _wait_child(proc)
+        raise
+    finally:
+        if proc.poll() is None:
+            with suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            _wait_child(proc)
+    if code != 0 or not out.exists():
+        print(f"{label}: {child} FAILED (exit {code})", file=sys.stderr)
+        return None
+    return json.loads(out.read_text())
+
+
+def _wait_child(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=CHILD_STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A GitHub-flavoured markdown table."""
     cells = [[fmt(c) if not isinstance(c, str) else c for c in row] for row in rows]

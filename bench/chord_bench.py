@@ -55,8 +55,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,8 +72,6 @@ VAR_DIR = Path("/tmp/fulldb-bench-chords")
 NODE_PREFIX = "fulldb-bench-chords"
 PIDFILE = VAR_DIR / "worker.pid"
 WORKER_START_TIMEOUT = 90.0
-#: The child process of one backend: its worker's stop included.
-CHILD_STOP_TIMEOUT = 60.0
 #: label -> FULLDB_BACKEND (testproject/settings.py)
 BACKENDS = {"ours": "fulldb", "django-celery-results": "django-db"}
 SHORT = {"ours": "ours", "dcr": "django-celery-results"}
@@ -420,35 +416,9 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict:
 
 def run_child(backend: str, argv: list[str]) -> dict | None:
     out = VAR_DIR / f"child-{'dcr' if backend != 'ours' else 'ours'}.json"
-    out.unlink(missing_ok=True)
-    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", backend]
-    command += ["--child-out", str(out)]
-    print(f"chords: {backend}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(command, cwd=_common.REPO, env=bench_env(backend))
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        # The child got the same SIGINT: it stops its worker in a finally.
-        _wait_child(proc)
-        raise
-    finally:
-        if proc.poll() is None:
-            # SIGTERM (run.py's time limit, turned into SystemExit): pass it on.
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            _wait_child(proc)
-    if code != 0 or not out.exists():
-        print(f"chords: {backend} FAILED (exit {code})", file=sys.stderr)
-        return None
-    return json.loads(out.read_text())
-
-
-def _wait_child(proc: subprocess.Popen) -> None:
-    try:
-        proc.wait(timeout=CHILD_STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    return _common.run_child(
+        "chords", str(Path(__file__).resolve()), argv, backend, out, bench_env(backend)
+    )
 
 
 def median_db(result: dict, key: str) -> float:

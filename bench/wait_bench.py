@@ -63,8 +63,6 @@ import contextlib
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -90,8 +88,6 @@ PIDFILE = VAR_DIR / "worker.pid"
 TASK_NAME = "wait_bench.timed_sleep"
 WORKER_START_TIMEOUT = 90.0
 GET_TIMEOUT = 30.0
-#: The child process of one mode: its worker's stop included.
-CHILD_STOP_TIMEOUT = 60.0
 MODES = ("push", "poll", "redis")
 LABELS = {
     "push": "ours, push (default)",
@@ -393,35 +389,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_child(mode: str, argv: list[str]) -> dict[str, Any] | None:
     out = VAR_DIR / f"child-{mode}.json"
-    out.unlink(missing_ok=True)
-    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", mode]
-    command += ["--child-out", str(out)]
-    print(f"wait: {mode}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(command, cwd=_common.REPO, env=mode_env(mode))
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        # The child got the same SIGINT: it stops its worker in a finally.
-        _wait_child(proc)
-        raise
-    finally:
-        if proc.poll() is None:
-            # SIGTERM (run.py's time limit, turned into SystemExit): pass it on.
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            _wait_child(proc)
-    if code != 0 or not out.exists():
-        print(f"wait: {mode} FAILED (exit {code})", file=sys.stderr)
-        return None
-    return json.loads(out.read_text())
-
-
-def _wait_child(proc: subprocess.Popen) -> None:
-    try:
-        proc.wait(timeout=CHILD_STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    return _common.run_child("wait", str(Path(__file__).resolve()), argv, mode, out, mode_env(mode))
 
 
 # -- the write path's cost of push (the parent, no worker running) -----------------------

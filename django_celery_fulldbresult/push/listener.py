@@ -149,23 +149,23 @@ def _parse(payload: str) -> tuple[str, str]:
     return status, task_id
 
 
-def close_all() -> None:
-    """Close every listening session of the process (tests, before the database goes)."""
+def _take_all() -> list[Listener]:
+    """The process's listeners, no longer tracked."""
     with _opened_lock:
         listeners = [ref() for ref in _opened]
         _opened.clear()
-    for listener in listeners:
-        if listener is not None:
-            listener.close()
+    return [listener for listener in listeners if listener is not None]
+
+
+def close_all() -> None:
+    """Close every listening session of the process (tests, before the database goes)."""
+    for listener in _take_all():
+        listener.close()
 
 
 def _forget_inherited() -> None:
-    with _opened_lock:
-        listeners = [ref() for ref in _opened]
-        _opened.clear()
-    for listener in listeners:
-        if listener is not None:
-            listener.forget()
+    for listener in _take_all():
+        listener.forget()
 
 
 db.also_close(close_all)
