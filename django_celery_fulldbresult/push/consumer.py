@@ -55,7 +55,8 @@ class Hub:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.listener: Listener | None = None
-        self.consumers: weakref.WeakSet[ResultConsumer] = weakref.WeakSet()
+        self._consumers: weakref.WeakSet[ResultConsumer] = weakref.WeakSet()
+        self._consumers_lock = threading.Lock()  # a thread's new backend joins meanwhile
         self.next_poll = 0.0
         self.retry_at = 0.0
         self.unheard_logged = False
@@ -94,6 +95,14 @@ class Hub:
             )
             self.reaper.start()
         return listener
+
+    def join(self, consumer: ResultConsumer) -> None:
+        with self._consumers_lock:
+            self._consumers.add(consumer)
+
+    def consumers(self) -> list[ResultConsumer]:
+        with self._consumers_lock:
+            return list(self._consumers)
 
     def current(self) -> Listener | None:
         listener = self.listener
@@ -145,7 +154,7 @@ class Hub:
         poll = listener is None or time.monotonic() >= self.next_poll
         if poll:
             self.next_poll = time.monotonic() + SAFETY_POLL
-        for consumer in list(self.consumers):
+        for consumer in self.consumers():
             consumer.hand_over(notices, poll)
 
 
@@ -160,10 +169,10 @@ def _new_hub_after_fork() -> None:
     # The listener module drops the parent's session in the child; the lock and the
     # reaper thread of the parent are not the child's.
     global _hub
-    consumers = list(_hub.consumers)
+    consumers = list(_hub._consumers)  # the parent's lock may be held: not taken here
     _hub = Hub()
     for consumer in consumers:
-        _hub.consumers.add(consumer)
+        _hub.join(consumer)
 
 
 if hasattr(os, "register_at_fork"):
@@ -173,7 +182,7 @@ if hasattr(os, "register_at_fork"):
 class ResultConsumer(BaseResultConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        hub().consumers.add(self)
+        hub().join(self)
 
     # -- what Celery calls ------------------------------------------------------
 
@@ -204,8 +213,8 @@ class ResultConsumer(BaseResultConsumer):
         before = shared.current()
         self._deliver([task_id for task_id in ids if task_id in self._waited()])
         still = [task_id for task_id in ids if task_id in self._waited()]
-        if not still:
-            return
+        if not still or before is not None:
+            return  # done, or the session heard whatever was stored after the read
         with shared.lock:
             listener = shared.open_listener()
         if listener is not None and listener is not before:
