@@ -288,6 +288,7 @@ def statements_per_wait(app: Any, worker: Worker) -> dict[str, dict[str, Any]]:
     from django.test.utils import CaptureQueriesContext
 
     from django_celery_fulldbresult import db, publish
+    from django_celery_fulldbresult.push import consumer as push_consumer
 
     consumer = app.backend.result_consumer
     out: dict[str, dict[str, Any]] = {}
@@ -303,7 +304,8 @@ def statements_per_wait(app: Any, worker: Worker) -> dict[str, dict[str, Any]]:
             except Exception:
                 worker.check()
                 raise
-        session = consumer._listener.raw if consumer._listener is not None else None
+        listener = push_consumer.hub().current()  # the process's one session
+        session = listener.raw if listener is not None else None
         listening = session.info.backend_pid if session is not None else None
         own = package.connection.info.backend_pid if package.connection is not None else None
         sessions = {listening: "listening", own: "package"}
