@@ -95,6 +95,11 @@ DEFAULTS: dict[str, Any] = {
     # AsyncResult.get(), join_native and the other ways of waiting for results wake when the
     # result is stored (PostgreSQL: LISTEN/NOTIFY, push/); False, or another database: polling.
     "RESULT_PUSH": True,
+    # PostgreSQL (psycopg 3): the package's own connection sends its repeated statements (state
+    # writes, publish records, receipts) prepared: parsed and planned once per session, then
+    # only their parameters. False for a pooler that cannot hold them (PgBouncer in
+    # transaction mode before 1.21); a database's OPTIONS "prepare_threshold" also wins.
+    "PREPARED_STATEMENTS": True,
     # Admin (issue 4).
     "OVERRIDE_BEAT_ADMIN": False,
 }

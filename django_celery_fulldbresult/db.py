@@ -142,6 +142,59 @@ def write_alias() -> str:
     return hidden
 
 
+#: psycopg prepares a statement the second time a session runs its text: a text run once
+#: (a rare shape) costs no extra Parse.
+PREPARE_THRESHOLD = 2
+#: Attribute of a connection wrapper: (its driver connection, whether that one prepares).
+_PREPARES = "_fulldbresult_prepares"
+
+
+def statement_cursor(using: str) -> Any:
+    """A cursor of ``connections[using]`` for the package's repeated statements (state writes,
+    publish records, receipts): Django's cursor (its wrappers, query logging and error
+    translation), whose statements the server parses and plans once per session on the
+    package's own PostgreSQL connection (``prepares``). Anywhere else, Django's cursor as is.
+
+    Django's psycopg cursors bind parameters client-side and never prepare: every state write
+    would send its 2-4 KB text to be parsed and planned again (``bench/stores.py``: 1.3x the
+    writes per second prepared)."""
+    connection = connections[using]
+    cursor = connection.cursor()
+    # Where Django logs queries (DEBUG, CaptureQueriesContext), its text is read back from
+    # the driver's cursor, which has none for a prepared execution: sent as text there.
+    if not connection.queries_logged and prepares(connection, using):
+        import psycopg  # the driver prepares() found
+
+        cursor.cursor.close()
+        cursor.cursor = psycopg.Cursor(connection.connection)  # server-side binding
+    return cursor
+
+
+def prepares(connection: Any, using: str) -> bool:
+    """Whether ``connection`` (open, the one of alias ``using``) sends the package's
+    statements prepared: PostgreSQL through psycopg 3, the package's own connection,
+    ``PREPARED_STATEMENTS`` on, and no ``prepare_threshold`` in the database's ``OPTIONS`` (a
+    project that set one, ``None`` for PgBouncer in transaction mode, decides). Decided once
+    per driver connection."""
+    raw = connection.connection
+    known = connection.__dict__.get(_PREPARES)
+    if known is not None and known[0] is raw:
+        return known[1]
+    enabled = (
+        connection.vendor == "postgresql"
+        and is_own_alias(using)
+        and bool(conf.get("PREPARED_STATEMENTS"))
+        and "prepare_threshold" not in connection.settings_dict.get("OPTIONS", {})
+        and hasattr(raw, "prepare_threshold")  # psycopg 3 (psycopg2 has no such attribute)
+    )
+    if enabled and raw.prepare_threshold is None:
+        # Only server-side-binding cursors prepare; Django's own cursors on this
+        # connection bind client-side (unless the project chose server-side binding).
+        raw.prepare_threshold = PREPARE_THRESHOLD
+    setattr(connection, _PREPARES, (raw, enabled))
+    return enabled
+
+
 def upsert(model, using: str, objs: list, unique_fields: list[str], update_fields: list[str]):
     """``bulk_create`` as one upsert statement on every backend.
 

@@ -20,7 +20,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from . import conf, heartbeat
-from .db import DatabaseNow
+from .db import DatabaseNow, statement_cursor
 from .states import (
     ENDED_STATES,
     FAILURE,
@@ -341,7 +341,7 @@ class TaskResultManager(TaskDatabaseManager.from_queryset(TaskResultQuerySet)):
             replace_call=replace_call,
             only_over=tuple(sorted(only_over)) if only_over is not None else None,
         )
-        with connection.cursor() as cursor:
+        with statement_cursor(using) as cursor:
             cursor.execute(sql, params)
 
     def record_publish(self, values: Mapping[str, Any], *, using: str) -> None:
@@ -376,7 +376,7 @@ class TaskResultManager(TaskDatabaseManager.from_queryset(TaskResultQuerySet)):
             return
         unique.reverse()
         connection = connections[using]
-        with connection.cursor() as cursor:
+        with statement_cursor(using) as cursor:
             if connection.vendor == "postgresql" and len(unique) > 1:
                 cursor.execute(
                     _insert_or_fill_recordset_sql(self.model, connection),
@@ -462,12 +462,6 @@ def _quote(connection, name: str) -> str:
     return connection.ops.quote_name(name)
 
 
-def _placeholder(connection, column: str) -> str:
-    if column in JSON_COLUMNS and connection.vendor == "postgresql":
-        return "%s::jsonb"
-    return "%s"
-
-
 def _prep(model, connection, column: str, value: Any) -> Any:
     """Python value -> database parameter (JSON columns arrive as encoded text)."""
     if value is None or column in JSON_COLUMNS:
@@ -505,13 +499,20 @@ def _row_params(model, connection, columns: list[str], values: Mapping[str, Any]
     return [_prep(model, connection, c, _insert_value(model, c, values.get(c))) for c in columns]
 
 
-def _insert_sql(model, connection, columns: list[str]) -> str:
+def _insert_sql(model, connection, columns: Sequence[str]) -> str:
     """``INSERT INTO table (columns) VALUES (...)`` (the table aliased, see ``_stored``)."""
-    table = _quote(connection, model._meta.db_table)
-    if connection.vendor != "mysql":
+    return _insert_sql_of(connection.vendor, model._meta.db_table, tuple(columns))
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_sql_of(vendor: str, db_table: str, columns: tuple[str, ...]) -> str:
+    """``_insert_sql``, a pure function of these, so cached (a state write has a few shapes)."""
+    table = _quote_name(vendor, db_table)
+    if vendor != "mysql":
         table = f"{table} AS {ROW_ALIAS}"
-    names = ", ".join(_quote(connection, c) for c in columns)
-    holders = ", ".join(_placeholder(connection, c) for c in columns)
+    names = ", ".join(_quote_name(vendor, c) for c in columns)
+    json_holder = "%s::jsonb" if vendor == "postgresql" else "%s"
+    holders = ", ".join(json_holder if c in JSON_COLUMNS else "%s" for c in columns)
     return f"INSERT INTO {table} ({names}) VALUES ({holders})"
 
 

@@ -126,7 +126,7 @@ def _taken(rows: Any, attempt: Attempt) -> bool:
         deleted, _ = rows.takeable(attempt.retries).delete()
         return bool(deleted)
     statement = TakeStatement.get(rows.db)
-    with connections[rows.db].cursor() as cursor:
+    with db.statement_cursor(rows.db) as cursor:
         cursor.execute(statement.sql, statement.params(attempt, timezone.now()))
         return cursor.rowcount == 1
 
