@@ -74,8 +74,12 @@ def forget_registrations() -> None:
 
 def test_get_returns_as_soon_as_the_result_is_stored(celery_app):
     assert celery_app.backend.is_async
-    lags = [lag(tasks.sleep.delay(0.3)) for _ in range(5)]
-    assert max(lags) < PROMPT, lags
+    lags = sorted(lag(tasks.sleep.delay(0.3)) for _ in range(5))
+    # Four of five prompt, whatever one hiccup of a loaded machine does to the fifth (a run
+    # here saw 0.108 s once among 5 ms lags); polling's lags, spread over 0-0.5 s, pass this
+    # less than 1 % of the time.
+    assert lags[3] < PROMPT, lags
+    assert lags[4] < 5 * PROMPT, lags
 
 
 def test_a_groups_join_returns_as_soon_as_its_last_result_is_stored(celery_app):
