@@ -524,3 +524,62 @@ class WorkerProcess:
             self.pidfile.unlink(missing_ok=True)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+# -- CPU time by process group (where a task's time goes) ---------------------
+
+#: /proc/<pid>/stat fields (after the command name): utime, stime, cutime, cstime.
+_CPU_FIELDS = slice(11, 15)
+
+
+def _proc_stat(pid: int) -> tuple[str, int, list[int]] | None:
+    """(command name, parent pid, [utime, stime, cutime, cstime] in clock ticks)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name = text[text.index("(") + 1 : text.rindex(")")]
+    fields = text[text.rindex(")") + 2 :].split()
+    return name, int(fields[1]), [int(v) for v in fields[_CPU_FIELDS]]
+
+
+#: The groups of ``cpu_by_group``.
+CPU_GROUPS = ("worker main", "worker pool", "postgres", "rabbitmq", "publisher")
+
+
+def cpu_by_group(worker_pid: int | None) -> dict[str, float]:
+    """CPU seconds used so far, by group: the worker's main process and its pool, ``postgres``
+    (every server process, and what exited ones left to the postmaster), ``rabbitmq``,
+    ``publisher`` (this process: publishing and publish tracking). Differences of two
+    snapshots say where an interval's CPU went (Linux only; empty elsewhere)."""
+    if not Path("/proc/self/stat").exists():
+        return {}
+    ticks = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat is not None:
+                stats[int(entry.name)] = stat
+    tree = {worker_pid} if worker_pid else set()
+    grew = True
+    while grew:
+        children = {pid for pid, (_, ppid, _) in stats.items() if ppid in tree} - tree
+        tree |= children
+        grew = bool(children)
+    groups = dict.fromkeys(CPU_GROUPS, 0)
+    for pid, (name, ppid, (utime, stime, cutime, cstime)) in stats.items():
+        own = utime + stime
+        if pid == worker_pid:
+            groups["worker main"] += own
+        elif pid in tree:
+            groups["worker pool"] += own
+        elif name == "postgres":
+            # The postmaster also holds the CPU of server processes that exited.
+            postmaster = stats.get(ppid, ("",))[0] != "postgres"
+            groups["postgres"] += own + (cutime + cstime if postmaster else 0)
+        elif name == "beam.smp":
+            groups["rabbitmq"] += own
+        elif pid == os.getpid():
+            groups["publisher"] += own
+    return {group: value / ticks for group, value in groups.items()}
