@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
             "Django @task: `jobs.add.enqueue(i, i)` (Django's Tasks framework on "
             "`django_tasks.CeleryBackend`) writes each task's PENDING row before it returns "
             "(not written behind) and takes a producer from the pool per call; the worker runs "
-            "it as the Celery task `testproject.demo.jobs.add`, with one SELECT and one UPDATE "
+            "it as the Celery task `testproject.demo.jobs.add`, with one `UPDATE ... RETURNING` "
             "of its row per attempt (the worker in `worker_ids`) and Django's task signals",
             "worker: `" + " ".join(worker_command(f"{NODE_PREFIX}-PID@127.0.0.1")[1:]) + "`",
         ],

@@ -13,7 +13,7 @@ import functools
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import connections, models
 from django.db.models import Q
@@ -86,6 +86,14 @@ FILLED_ONCE = frozenset(c for c, p in COLUMN_POLICY.items() if p == FILL) - NOT_
 #: The states of a task a worker holds: recovered when that worker is gone.
 LOST_STATES = (RECEIVED, STARTED)
 _FINALS_SQL = ", ".join(f"'{state}'" for state in sorted(FINAL_STATES))
+
+
+class AttemptRow(NamedTuple):
+    """What an attempt of a Django task reads from its row when it starts (``add_worker``)."""
+
+    date_submitted: datetime | None
+    date_started: datetime | None
+    meta: dict[str, Any]
 
 
 class TaskResultQuerySet(models.QuerySet):
@@ -344,6 +352,28 @@ class TaskResultManager(TaskDatabaseManager.from_queryset(TaskResultQuerySet)):
         with statement_cursor(using) as cursor:
             cursor.execute(sql, params)
 
+    def add_worker(self, task_id: str, hostname: str, *, key: str, using: str) -> AttemptRow:
+        """Append ``hostname`` to the list ``meta[key]`` of the row of ``task_id`` and return
+        what the attempt needs from the row (one ``UPDATE ... RETURNING`` on PostgreSQL;
+        a read and a write elsewhere). No row: nothing written, the list is ``[hostname]``."""
+        connection = connections[using]
+        if connection.vendor == "postgresql":
+            sql = _add_worker_sql(connection, self.model)
+            with statement_cursor(using) as cursor:
+                cursor.execute(sql, [key, key, hostname, task_id])
+                found = cursor.fetchone()
+            if found is None:
+                return AttemptRow(None, None, {key: [hostname]})
+            submitted, started, meta = found
+            meta = json.loads(meta) if isinstance(meta, str) else meta  # Django loads jsonb as text
+            return AttemptRow(submitted, started, meta)
+        rows = self.using(using).filter(task_id=task_id)
+        row = rows.values("date_submitted", "date_started", "meta").first() or {}
+        meta = dict(row.get("meta") or {})
+        meta[key] = [*meta.get(key, []), hostname]
+        rows.update(meta=meta)
+        return AttemptRow(row.get("date_submitted"), row.get("date_started"), meta)
+
     def record_publish(self, values: Mapping[str, Any], *, using: str) -> None:
         """Insert a PENDING row if none exists; otherwise only fill what is missing.
 
@@ -494,9 +524,28 @@ def _insert_clause(model, connection, columns: list[str], values: Mapping[str, A
     return _insert_sql(model, connection, columns), _row_params(model, connection, columns, values)
 
 
-def _row_params(model, connection, columns: list[str], values: Mapping[str, Any]) -> list[Any]:
-    """One row's parameters for ``_insert_sql``, field defaults where ``values`` has none."""
-    return [_prep(model, connection, c, _insert_value(model, c, values.get(c))) for c in columns]
+def _row_params(model, connection, columns: Sequence[str], values: Mapping[str, Any]) -> list[Any]:
+    """One row's parameters for ``_insert_sql``, field defaults where ``values`` has none
+    (``_prep`` of ``_insert_value``, with each column's field looked up once per process)."""
+    params = []
+    for column, field, prepares in _column_fields(model, tuple(columns)):
+        value = values.get(column)
+        if value is None:
+            if field.null:
+                params.append(None)
+                continue
+            value = field.get_default()
+        if prepares and value is not None:
+            value = field.get_db_prep_value(value, connection, prepared=False)
+        params.append(value)
+    return params
+
+
+@functools.lru_cache(maxsize=256)
+def _column_fields(model, columns: tuple[str, ...]) -> list[tuple[str, Any, bool]]:
+    """(column, field, whether its value needs ``get_db_prep_value``: JSON columns arrive
+    as encoded text) for each column."""
+    return [(c, model._meta.get_field(c), c not in JSON_COLUMNS) for c in columns]
 
 
 def _insert_sql(model, connection, columns: Sequence[str]) -> str:
@@ -686,6 +735,19 @@ def _fill_update_sql(vendor: str) -> str:
 
 #: The columns publish tracking writes.
 PUBLISH_COLUMNS = ["task_id", *PUBLISH_FILL_COLUMNS, "status", "retries", "date_modified"]
+
+
+def _add_worker_sql(connection, model) -> str:
+    """PostgreSQL: ``meta[%s]`` (a list) gets ``%s`` appended, in the row of task id ``%s``."""
+    table = _quote(connection, model._meta.db_table)
+    meta = _quote(connection, "meta")
+    return (
+        f"UPDATE {table} SET {meta} = jsonb_set(COALESCE({meta}, '{{}}'::jsonb), "
+        f"ARRAY[%s::text], COALESCE({meta} -> %s::text, '[]'::jsonb) || to_jsonb(%s::text)) "
+        f"WHERE {_quote(connection, 'task_id')} = %s "
+        f"RETURNING {_quote(connection, 'date_submitted')}, {_quote(connection, 'date_started')}, "
+        f"{meta}"
+    )
 
 
 def _insert_or_fill_sql(model, connection) -> str:

@@ -306,6 +306,27 @@ def test_rabbitmq_priorities_with_a_queue_maximum(celery_app):
         celery_app.conf.task_queue_max_priority = None
 
 
+def test_an_attempt_records_its_worker_in_one_statement_on_postgresql():
+    """Each attempt appends its worker to the row's workers and reads what it reports; on
+    PostgreSQL one ``UPDATE ... RETURNING`` (it was a SELECT and an UPDATE), elsewhere both."""
+    from django.db import connections
+    from django.test.utils import CaptureQueriesContext
+
+    from django_celery_fulldbresult import db
+
+    result = jobs.add.enqueue(1, 2)  # a PENDING row, no worker runs it here
+    with CaptureQueriesContext(connections[db.write_alias()]) as captured:
+        first = runner.begin_attempt(result.id, "w1@host")
+    second = runner.begin_attempt(result.id, "w2@host")
+    expected = 1 if connections[db.write_alias()].vendor == "postgresql" else 2
+    assert len(captured) == expected, [q["sql"] for q in captured.captured_queries]
+    assert first.worker_ids == ["w1@host"] and second.worker_ids == ["w1@host", "w2@host"]
+    assert second.enqueued_at == row(result.id).date_submitted is not None
+    assert row(result.id).meta["workers"] == ["w1@host", "w2@host"]
+    missing = runner.begin_attempt(str(uuid.uuid4()), "w3@host")  # no row: nothing written
+    assert missing.worker_ids == ["w3@host"] and missing.enqueued_at is None
+
+
 @needs_options
 @pytest.mark.usefixtures("worker")
 def test_celery_retries_count_as_attempts_with_their_workers(signals):

@@ -101,18 +101,15 @@ class Attempt:
 
 
 def begin_attempt(task_id: str, hostname: str) -> Attempt:
-    """Add this worker to the row's workers (one read, one write by the attempt's own
-    runner: no other writer touches ``meta`` while it runs)."""
-
-    def write(using: str) -> Attempt:
-        rows = TaskResultMeta.objects.using(using).filter(task_id=task_id)
-        row = rows.values("date_submitted", "date_started", "meta").first() or {}
-        meta = dict(row.get("meta") or {})
-        meta[WORKERS_KEY] = [*meta.get(WORKERS_KEY, []), hostname]
-        rows.update(meta=meta)
-        return Attempt(row.get("date_submitted"), row.get("date_started") or timezone.now(), meta)
-
-    return db.run_with_reconnect(write)
+    """Add this worker to the row's workers (one statement on PostgreSQL; elsewhere a read
+    and a write by the attempt's own runner: no other writer touches ``meta`` while it
+    runs)."""
+    row = db.run_with_reconnect(
+        lambda using: TaskResultMeta.objects.add_worker(
+            task_id, hostname, key=WORKERS_KEY, using=using
+        )
+    )
+    return Attempt(row.date_submitted, row.date_started or timezone.now(), row.meta)
 
 
 def execute(celery_task: DjangoTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
