@@ -159,6 +159,28 @@ def worker(django_db_setup, django_db_blocker, celery_app) -> Iterator[object]:
             heartbeat.on_worker_shutdown()
 
 
+#: The longest a test's end waits for the in-process worker to finish what it runs.
+IDLE_TIMEOUT = 10.0
+
+
+@pytest.fixture(autouse=True)
+def _worker_idle_at_teardown(request):
+    """A test that used the in-process worker ends once the worker has finished its tasks.
+
+    ``get()`` returns when a result is stored, and the worker may still be in the rest of that
+    task (a chord header's cleanup, in a transaction): Django's flush of a transactional test
+    then deadlocked with it (TRUNCATE against the cleanup's DELETE). This fixture's teardown
+    runs before pytest-django's (its autouse fixture is set up first)."""
+    yield
+    if "worker" not in request.fixturenames:
+        return
+    from celery.worker import state
+
+    deadline = time.monotonic() + IDLE_TIMEOUT
+    while state.active_requests and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def _fresh_connections(**_: object) -> None:
     """Only in the in-thread worker's pool threads (a test's own connection may be in a
     transaction)."""
