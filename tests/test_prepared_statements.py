@@ -14,7 +14,6 @@ import uuid
 
 import pytest
 from celery import states
-from celery.app.task import Context
 from django.db import connections
 from django.test.utils import CaptureQueriesContext
 
@@ -22,32 +21,18 @@ from django_celery_fulldbresult import db
 from django_celery_fulldbresult.models import TaskResultMeta
 
 from .conftest import requires_postgresql
+from .test_backend_writes import request
 
 pytestmark = [pytest.mark.django_db(transaction=True), requires_postgresql]
-
-
-def request_for(task_id: str) -> Context:
-    return Context(
-        id=task_id,
-        task="testproject.demo.tasks.add",
-        args=[1, 2],
-        kwargs={},
-        argsrepr="(1, 2)",
-        kwargsrepr="{}",
-        hostname="w@test",
-        delivery_info={"routing_key": "celery", "exchange": "", "priority": 0},
-        retries=0,
-        is_eager=False,
-    )
 
 
 def run_tasks(backend, count: int) -> list[str]:
     """What a worker writes for ``count`` tasks: STARTED, then SUCCESS."""
     ids = [str(uuid.uuid4()) for _ in range(count)]
     for task_id in ids:
-        request = request_for(task_id)
-        backend.store_result(task_id, {"pid": 1}, states.STARTED, request=request)
-        backend.store_result(task_id, 3, states.SUCCESS, request=request)
+        attempt = request(task_id)
+        backend.store_result(task_id, {"pid": 1}, states.STARTED, request=attempt)
+        backend.store_result(task_id, 3, states.SUCCESS, request=attempt)
     return ids
 
 
