@@ -314,15 +314,21 @@ def test_an_attempt_records_its_worker_in_one_statement_on_postgresql():
 
     from django_celery_fulldbresult import db
 
-    result = jobs.add.enqueue(1, 2)  # a PENDING row, no worker runs it here
+    task_id = str(uuid.uuid4())  # a PENDING row that no worker runs (one may be up)
+    TaskResultMeta.objects.create(
+        task_id=task_id,
+        task=jobs.add.module_path,
+        status=states.PENDING,
+        date_submitted=timezone.now(),
+    )
     with CaptureQueriesContext(connections[db.write_alias()]) as captured:
-        first = runner.begin_attempt(result.id, "w1@host")
-    second = runner.begin_attempt(result.id, "w2@host")
+        first = runner.begin_attempt(task_id, "w1@host")
+    second = runner.begin_attempt(task_id, "w2@host")
     expected = 1 if connections[db.write_alias()].vendor == "postgresql" else 2
     assert len(captured) == expected, [q["sql"] for q in captured.captured_queries]
     assert first.worker_ids == ["w1@host"] and second.worker_ids == ["w1@host", "w2@host"]
-    assert second.enqueued_at == row(result.id).date_submitted is not None
-    assert row(result.id).meta["workers"] == ["w1@host", "w2@host"]
+    assert second.enqueued_at == row(task_id).date_submitted is not None
+    assert row(task_id).meta["workers"] == ["w1@host", "w2@host"]
     missing = runner.begin_attempt(str(uuid.uuid4()), "w3@host")  # no row: nothing written
     assert missing.worker_ids == ["w3@host"] and missing.enqueued_at is None
 
