@@ -191,6 +191,11 @@ if os.environ.get("FULLDB_DB_REUSE_MAX", "1000"):
     CELERY_DB_REUSE_MAX = int(os.environ.get("FULLDB_DB_REUSE_MAX", "1000"))
 
 DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = True
+# FULLDB_PREPARED_STATEMENTS=0 / FULLDB_RESULT_PUSH=0: those settings off (benchmarks' A/B).
+if os.environ.get("FULLDB_PREPARED_STATEMENTS") == "0":
+    DJANGO_CELERY_FULLDBRESULT_PREPARED_STATEMENTS = False
+if os.environ.get("FULLDB_RESULT_PUSH") == "0":
+    DJANGO_CELERY_FULLDBRESULT_RESULT_PUSH = False
 # This suite tests the production connection model (a user's suite gets the test's own
 # connection: see tests/test_user_project.py).
 DJANGO_CELERY_FULLDBRESULT_DEDICATED_CONNECTION_IN_TESTS = True
