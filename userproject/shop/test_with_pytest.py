@@ -46,7 +46,11 @@ def test_publish_tracking_and_the_scheduler():
 
 @pytest.mark.django_db(transaction=True)
 def test_with_a_worker():
-    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+    # shutdown_timeout: over RabbitMQ, Celery's worker loop notices the stop only when its
+    # poll returns, up to 10 s after the last message: start_worker's default timeout.
+    with start_worker(
+        app, pool="threads", concurrency=2, perform_ping_check=False, shutdown_timeout=30
+    ):
         result = add.delay(2, 2)
         assert result.get(timeout=30) == 4
     assert TaskResultMeta.objects.get(task_id=result.id).status == states.SUCCESS

@@ -76,7 +76,11 @@ class WithAWorker:
         # Tasks earlier tests published with no worker running are still in the queue: a
         # worker would run them now and commit their rows before this class's first test.
         app.control.purge()
-        cls.worker = start_worker(app, pool="threads", concurrency=2, perform_ping_check=False)
+        # shutdown_timeout: over RabbitMQ, Celery's worker loop notices the stop only when
+        # its poll returns, up to 10 s after the last message: start_worker's default.
+        cls.worker = start_worker(
+            app, pool="threads", concurrency=2, perform_ping_check=False, shutdown_timeout=30
+        )
         cls.worker.__enter__()
 
     @classmethod
