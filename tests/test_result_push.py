@@ -10,12 +10,13 @@ suites through the synchronous API).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
 import celery
 import pytest
-from celery import group
+from celery import chord, group
 from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -103,6 +104,29 @@ def test_waiting_reads_the_row_when_notified_not_every_interval(celery_app):
     with statements:
         assert second.get(timeout=20) == 2.0
     assert len(statements) <= 2, statements.captured_queries  # the session listens already
+
+
+@pytest.mark.parametrize("follow_parents", [False, True])
+def test_a_chords_wait_reads_its_parts_together_not_once_per_notification(
+    celery_app, follow_parents
+):
+    """The body's parent group registers its parts (Celery's group barrier), though nobody
+    waits on them: their rows are read together, once per second of waiting at most, not one
+    statement per part as each is notified (and, with ``follow_parents``, Celery's check of
+    the parts runs as often: every unfinished part read again)."""
+    parts = 16
+    statements = CaptureQueriesContext(connections[db.write_alias()])
+    result = chord(tasks.sleep.s(0.1 * (i % 4)) for i in range(parts))(tasks.tsum.s())
+    started = time.monotonic()
+    with statements:
+        value = result.get(timeout=30, follow_parents=follow_parents)
+    seconds = math.ceil(time.monotonic() - started)
+    assert value == pytest.approx(sum(0.1 * (i % 4) for i in range(parts)))
+    reads = [q["sql"] for q in statements.captured_queries if q["sql"].startswith("SELECT")]
+    # Here: 3 reads in ~1.5 s (19 with follow_parents). Before (each notification of a part
+    # ended the wait): 17 (155-179).
+    once_a_second = seconds + 1 + 3
+    assert len(reads) <= (parts * once_a_second if follow_parents else once_a_second), reads
 
 
 def test_threads_waiting_at_once_each_return_promptly(celery_app):

@@ -2,8 +2,12 @@
 
 ``AsyncResult.get()``, ``GroupResult.join_native`` (``iter_native``), ``then()`` callbacks
 and the chord join register the results they wait for with the backend; the consumer's
-``drain_events`` waits on the process's listening session (``listener.py``) and reads the
-rows whose notification names a waited-for task, one statement per backend for all of them.
+``drain_events`` waits on the process's listening session (``listener.py``) until a task
+some caller waits on right now (``get()``, a join) is notified, and reads the rows of every
+notified registered task, one statement per backend for all of them. A task only registered
+(Celery's group barrier registers every part of a group it publishes: a chord's header)
+does not end the wait: its row is read with the others when it ends, at the latest after
+Celery's drain interval (1 s), so a chord of 1,000 parts costs a few reads, not 1,000.
 
 One session per process (``Hub``), whatever the number of backends: Celery gives each
 thread a backend of its own (the backend is not ``thread_safe``), and a web server's threads
@@ -25,6 +29,8 @@ import os
 import threading
 import time
 import weakref
+from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from celery import states
@@ -132,30 +138,39 @@ class Hub:
                 self.lock.release()
 
     def drain(self, timeout: float) -> None:
-        """Wait up to ``timeout`` s for notifications and hand each backend's waited-for
-        tasks their rows. Called with ``lock`` held."""
+        """Wait up to ``timeout`` s for a notification of a task some caller waits on right
+        now, then hand each backend its notified tasks' rows (one statement per backend).
+        Notifications of tasks only registered (a group's parts, which Celery's group
+        barrier registers) do not end the wait: read together when it ends. Called with
+        ``lock`` held."""
         listened = self.current() is not None
         listener = self.open_listener()
         if listener is not None and not listened:
             self.next_poll = 0.0  # opened here: what was stored before is read now
-        now = time.monotonic()
-        wait = max(0.0, min(timeout, self.next_poll - now))
-        notices: list[tuple[str, str]] = []
+        deadline = min(time.monotonic() + timeout, self.next_poll)
+        consumers = self.consumers()
         if listener is None:
-            time.sleep(min(wait, POLL_INTERVAL))
+            time.sleep(min(max(0.0, deadline - time.monotonic()), POLL_INTERVAL))
         else:
-            try:
-                notices = listener.wait(wait)
-            except listener.errors as exc:
-                logger.warning("result push: listening session lost (%s); reconnecting", exc)
-                listener.close()
-                self.listener = None
-                self.next_poll = 0.0
-        poll = listener is None or time.monotonic() >= self.next_poll
+            while True:
+                try:
+                    notices = listener.wait(max(0.0, deadline - time.monotonic()))
+                except listener.errors as exc:
+                    logger.warning("result push: listening session lost (%s); reconnecting", exc)
+                    listener.close()
+                    self.listener = None
+                    self.next_poll = 0.0
+                    break
+                woken = False
+                for consumer in consumers:
+                    woken = consumer.take(notices) or woken
+                if woken or time.monotonic() >= deadline:
+                    break
+        poll = self.listener is None or time.monotonic() >= self.next_poll
         if poll:
             self.next_poll = time.monotonic() + SAFETY_POLL
-        for consumer in self.consumers():
-            consumer.hand_over(notices, poll)
+        for consumer in consumers:
+            consumer.hand_over(poll)
 
 
 _hub = Hub()
@@ -182,6 +197,12 @@ if hasattr(os, "register_at_fork"):
 class ResultConsumer(BaseResultConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        #: The task ids callers wait on right now (``_wait_for_pending``), with a count of
+        #: the waits; a notification of one of them ends the hub's wait.
+        self._active: Counter[str] = Counter()
+        self._active_lock = threading.Lock()
+        #: Waited-for tasks notified and not read yet (touched with the hub's lock held).
+        self._notified: set[str] = set()
         hub().join(self)
 
     # -- what Celery calls ------------------------------------------------------
@@ -199,15 +220,24 @@ class ResultConsumer(BaseResultConsumer):
         """Close the process's session (the next wait opens it again)."""
         hub().close()
 
+    def _wait_for_pending(self, result: Any, **kwargs: Any) -> Iterator[None]:
+        """Celery's wait, with ``result``'s ids (a group's parts) counted as actively waited
+        for while it lasts."""
+        ids = Counter(_ids_of(result))
+        with self._active_lock:
+            self._active.update(ids)
+        try:
+            yield from super()._wait_for_pending(result, **kwargs)
+        finally:
+            with self._active_lock:
+                self._active -= ids
+
     def on_wait_for_pending(self, result: Any, timeout: float | None = None, **kwargs: Any):
         """Read what is stored already (a group's members: one statement); when something
         is still to come, listen, and read those again (what was stored before the session
         listened was not notified) unless the session listened before the first read began.
         A wait that finds everything done, as the chord join does, opens no session."""
-        if isinstance(result, ResultSet):
-            ids = [node.id for node in result.results if not isinstance(node, ResultSet)]
-        else:
-            ids = [result.id]
+        ids = _ids_of(result)
         shared = hub()
         shared.last_waited = time.monotonic()
         before = shared.current()
@@ -237,21 +267,30 @@ class ResultConsumer(BaseResultConsumer):
 
     # -- the work -----------------------------------------------------------------
 
-    def hand_over(self, notices: list[tuple[str, str]], poll: bool) -> None:
-        """Read the rows of this backend's waited-for tasks that were notified (all of them
-        on a safety read)."""
+    def take(self, notices: list[tuple[str, str]]) -> bool:
+        """Note the notified tasks this backend has registered; whether one of them is
+        actively waited for (the hub's wait then ends)."""
+        if not notices:
+            return False
         waited = self._waited()
-        if not waited:
-            return
-        if poll:
-            ids = waited
-        else:
-            wanted = states.READY_STATES if self.on_message is None else None
-            ids = {
-                task_id
-                for status, task_id in notices
-                if task_id in waited and (wanted is None or status in wanted)
-            }
+        wanted = states.READY_STATES if self.on_message is None else None
+        hits = {
+            task_id
+            for status, task_id in notices
+            if task_id in waited and (wanted is None or status in wanted)
+        }
+        if not hits:
+            return False
+        self._notified |= hits
+        with self._active_lock:
+            return any(task_id in self._active for task_id in hits)
+
+    def hand_over(self, poll: bool) -> None:
+        """Read the rows of this backend's notified tasks (of every waited-for task on a
+        safety read)."""
+        notified, self._notified = self._notified, set()
+        waited = self._waited()
+        ids = waited if poll else notified & waited
         if ids:
             self._deliver(sorted(ids))
 
@@ -267,3 +306,10 @@ class ResultConsumer(BaseResultConsumer):
         ready = states.READY_STATES if self.on_message is None else None
         for meta in self.backend.read_metas(task_ids, ready):
             self.on_state_change(meta, None)
+
+
+def _ids_of(result: Any) -> list[str]:
+    """The task ids a wait on ``result`` is for: its own, or a group's parts."""
+    if isinstance(result, ResultSet):
+        return [node.id for node in result.results if not isinstance(node, ResultSet)]
+    return [result.id]
