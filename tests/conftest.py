@@ -209,7 +209,9 @@ class WorkerProcesses:
         env: dict[str, str] | None = None,
         extra: tuple[str, ...] = (),
     ) -> subprocess.Popen:
-        cmd = worker_command(f"{name}@%h", queues, pool, concurrency, extra=extra)
+        # The run's prefix in the node name: concurrent runs sharing a broker each declare
+        # their workers' exclusive control queues ("<node>.celery.pidbox").
+        cmd = worker_command(f"{name}@%h.{QUEUE_PREFIX}", queues, pool, concurrency, extra=extra)
         if queues:
             _purge(self.app, queues.split(","))
         full_env = {
