@@ -109,7 +109,7 @@ class TaskResultQuerySet(models.QuerySet):
 
         * SCHEDULED: its eta passed more than ``max_duration`` ago (it was never forwarded);
         * RECEIVED, STARTED: taken or started more than ``max_duration`` ago and the worker
-          that took it is gone (``heartbeat.runner_alive``: a live worker running a long
+          that took it is gone (``heartbeat.runners_alive_now``: a live worker running a long
           task, or holding a message until its eta, is not stale);
         * any other state (PENDING, RETRY, SCHEDULED_SENT, custom): its last state change
           is older than ``max_duration``.
@@ -122,7 +122,7 @@ class TaskResultQuerySet(models.QuerySet):
         by_age = Q(date_modified__lte=cutoff) & ~Q(status=SCHEDULED)
         overdue = Q(status=SCHEDULED, eta__lte=cutoff)
         qs = self.exclude(status__in=sorted(excluded)).filter(by_age | overdue)
-        alive = heartbeat.runner_alive(now=now, using=self.db)
+        alive = heartbeat.runners_alive_now(now=now, using=self.db)
         if alive is not None:
             qs = qs.exclude(Q(status__in=[RECEIVED, STARTED]) & alive)
         return qs

@@ -67,8 +67,23 @@ def test_started_on_a_live_worker_is_not_stale(settings):
     WorkerHeartbeat.objects.create(hostname="alive@host", last_seen=timezone.now())
     WorkerHeartbeat.objects.create(hostname="dead@host", last_seen=timezone.now() - timedelta(1))
     assert stale_ids() == {lost_task.task_id}
+    # A worker that started before it took the row holds it; one restarted under the same
+    # name since then does not (its former self took the row).
+    held = make(states.STARTED, timedelta(hours=5), hostname="older@host")
+    orphan = make(states.STARTED, timedelta(hours=5), hostname="reborn@host")
+    for hostname, hours in (("older@host", 6), ("reborn@host", 1)):
+        WorkerHeartbeat.objects.create(
+            hostname=hostname,
+            last_seen=timezone.now(),
+            started=timezone.now() - timedelta(hours=hours),
+        )
+    assert stale_ids() == {lost_task.task_id, orphan.task_id}
+    WorkerHeartbeat.objects.exclude(hostname="dead@host").update(
+        last_seen=timezone.now() - timedelta(1)
+    )  # nobody alive
+    assert stale_ids() == {lost_task.task_id, long_task.task_id, held.task_id, orphan.task_id}
     settings.DJANGO_CELERY_FULLDBRESULT_WORKER_HEARTBEAT = 0  # heartbeats off: age only
-    assert stale_ids() == {lost_task.task_id, long_task.task_id}
+    assert stale_ids() == {lost_task.task_id, long_task.task_id, held.task_id, orphan.task_id}
 
 
 def test_acceptable_states_are_added_to_the_final_ones():
