@@ -1,0 +1,142 @@
+"""Where the time of a backend write and of a forwarded task goes: the loops the benchmarks
+time, run in this process under cProfile, with this process's CPU per item (measured in a
+run without the profiler) and the functions that take it.
+
+* ``writes``: bench/stores.py's loop (PENDING with the request, STARTED, SUCCESS per task,
+  through ``backend.store_result``) against ours, and the raw-upsert floor, on PostgreSQL;
+* ``forwarding``: bench/scheduler.py's due rows forwarded by ``scheduler.forward_due``
+  (batch 500, publisher confirms on), and plain ``apply_async`` of the same task.
+
+Compare the CPU per item with the wall time per item of the same loop: the difference is
+waiting (the database's or the broker's answer).
+
+    python bench/profiles.py writes [--tasks 1000] [--top 25]
+    python bench/profiles.py forwarding [--rows 20000] [--top 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+
+_common.reexec_in_venv()
+
+
+def measure(
+    label: str,
+    count: int,
+    run: Callable[[], object],
+    top: int,
+    prepare: Callable[[], object] = lambda: None,
+    clean: Callable[[], object] = lambda: None,
+) -> None:
+    """``run`` once timed, once profiled (each between ``prepare`` and ``clean``, which are
+    neither timed nor profiled); per item: wall, this process's CPU."""
+    prepare()
+    cpu, wall = time.process_time(), time.perf_counter()
+    run()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    clean()
+    print(
+        f"== {label}: {count / wall:,.0f}/s; per item {wall / count * 1e6:,.0f} us wall, "
+        f"{cpu / count * 1e6:,.0f} us CPU in this process"
+    )
+    prepare()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    clean()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(top)
+    print(out.getvalue())
+
+
+def writes(args: argparse.Namespace) -> None:
+    import stores
+    from celery import states
+
+    _common.setup(_common.DB_NAME)
+    from testproject.celery_app import app
+
+    stores.create_floor_table()
+    writers, _ = stores.build_writers(app)
+
+    def loop(store: Callable) -> Callable[[], None]:
+        def run() -> None:
+            for i in range(args.tasks):
+                task_id = str(uuid.uuid4())
+                request = stores.make_request(task_id, i)
+                store(task_id, None, states.PENDING, request)
+                store(task_id, None, states.STARTED, request)
+                store(task_id, 2 * i, states.SUCCESS, request)
+
+        return run
+
+    for name in ("ours", "floor (raw upsert)"):
+        store, _table = writers[name]
+        loop(store)()  # warm: connections, prepared statements
+        measure(f"writes, {name}", 3 * args.tasks, loop(store), args.top)
+
+
+def forwarding(args: argparse.Namespace) -> None:
+    import scheduler as bench
+
+    bench.setup()
+    from django.conf import settings
+
+    # As bench/scheduler.py: this process publishes no PENDING rows (plain apply_async).
+    settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = False
+    from django_celery_fulldbresult import scheduler
+    from testproject.celery_app import app
+    from testproject.demo.tasks import add
+
+    template = bench.template_row()
+    due = "now() - interval '1 hour' + s.g * interval '1 millisecond'"
+    bench.purge_until_empty(app)
+    bench.delete_bench_rows()
+
+    def fill() -> None:
+        bench.fill_scheduled(template, args.rows, "gen_random_uuid()::text", due)
+
+    def forward() -> None:
+        with bench.scheduler_on():
+            scheduler.forward_due(app, batch_size=500)
+
+    def empty() -> None:
+        bench.purge_until_empty(app)
+        bench.delete_bench_rows()
+
+    def plain() -> None:
+        with app.producer_or_acquire() as producer:
+            for i in range(args.rows):
+                add.apply_async((i, i), producer=producer)
+
+    measure("forward_due, batch 500", args.rows, forward, args.top, prepare=fill, clean=empty)
+    measure("plain apply_async", args.rows, plain, args.top, clean=empty)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    for name, default in (("writes", ("--tasks", 1000)), ("forwarding", ("--rows", 20000))):
+        command = sub.add_parser(name)
+        command.add_argument(default[0], type=int, default=default[1])
+        command.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    {"writes": writes, "forwarding": forwarding}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
