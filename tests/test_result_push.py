@@ -10,7 +10,11 @@ suites through the synchronous API).
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -26,7 +30,7 @@ from django_celery_fulldbresult.models import TaskResultMeta
 from django_celery_fulldbresult.push import consumer, sql
 from testproject.demo import tasks
 
-from .conftest import requires_postgresql, wait_for
+from .conftest import REPO, requires_postgresql, wait_for
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -143,6 +147,85 @@ def test_threads_waiting_at_once_each_return_promptly(celery_app):
         thread.join(30)
     assert sorted(lags) == [0, 1, 2, 3]
     assert max(lags.values()) < PROMPT * 2, lags
+
+
+GREENLETS = """
+import sys
+
+GREEN = sys.argv[2]
+if GREEN == "gevent":
+    from gevent import monkey
+
+    monkey.patch_all()
+else:
+    import eventlet
+
+    eventlet.monkey_patch()
+import json
+
+import django
+
+django.setup()
+from celery import current_app
+from django.utils import timezone
+
+from django_celery_fulldbresult import push
+from django_celery_fulldbresult.models import TaskResultMeta
+from testproject.demo import tasks
+
+assert push.enabled() and current_app.backend.is_async
+results = [tasks.sleep.delay(0.2 + 0.1 * i) for i in range(int(sys.argv[1]))]
+
+
+def lag(result):
+    result.get(timeout=30)
+    returned = timezone.now()
+    return (returned - TaskResultMeta.objects.get(task_id=result.id).date_done).total_seconds()
+
+
+def all_of(seconds):
+    if GREEN == "gevent":
+        import gevent
+
+        waits = [gevent.spawn(lag, result) for result in results]
+        gevent.joinall(waits, timeout=seconds, raise_error=True)
+        return [wait.value for wait in waits] if all(wait.dead for wait in waits) else None
+    waits = [eventlet.spawn(lag, result) for result in results]
+    with eventlet.Timeout(seconds, False):
+        return [wait.wait() for wait in waits]
+    return None
+
+
+lags = all_of(40)
+if lags is None:  # get(timeout=30) never returned
+    sys.exit("greenlets still waiting after 40 s")
+print("LAGS " + json.dumps(sorted(lags)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("green", ["gevent", "eventlet"])
+def test_greenlets_waiting_at_once_each_return_promptly(celery_app, green):
+    """A gevent or eventlet web process (gunicorn -k gevent): Celery's greenlet drainer
+    drains for every greenlet that waits, on the process's one listening session. Before:
+    the drainer took the session back after each drain before the waiting greenlets could
+    look at it, and their get() never returned, not even at its timeout."""
+    run = subprocess.run(
+        [sys.executable, "-c", GREENLETS, "4", green],
+        cwd=REPO,
+        env={
+            **os.environ,
+            "FULLDB_TEST_DB": "1",
+            "PYTHONPATH": str(REPO),
+            "DJANGO_SETTINGS_MODULE": "testproject.settings",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    lags = json.loads(run.stdout.split("LAGS ", 1)[1])
+    assert len(lags) == 4
+    assert lags[2] < PROMPT * 2 and lags[3] < 0.5, lags  # polling: up to 0.5 s each
 
 
 def test_threads_with_backends_of_their_own_share_one_session(celery_app):

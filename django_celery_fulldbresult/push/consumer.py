@@ -236,7 +236,13 @@ class ResultConsumer(BaseResultConsumer):
         """Read what is stored already (a group's members: one statement); when something
         is still to come, listen, and read those again (what was stored before the session
         listened was not notified) unless the session listened before the first read began.
-        A wait that finds everything done, as the chord join does, opens no session."""
+        A wait that finds everything done, as the chord join does, opens no session.
+
+        While another thread (or Celery's drainer greenlet under gevent and eventlet) holds
+        the session, this one does not wait for it: it may hold it for a whole drain (a
+        greenlet drainer takes it back at once, forever), and a drain that opens the session
+        reads every waited-for task first; so does the next drain, for a session some
+        other waiter is opening."""
         ids = _ids_of(result)
         shared = hub()
         shared.last_waited = time.monotonic()
@@ -245,8 +251,13 @@ class ResultConsumer(BaseResultConsumer):
         still = [task_id for task_id in ids if task_id in self._waited()]
         if not still or before is not None:
             return  # done, or the session heard whatever was stored after the read
-        with shared.lock:
+        if not shared.lock.acquire(blocking=False):
+            shared.next_poll = 0.0
+            return
+        try:
             listener = shared.open_listener()
+        finally:
+            shared.lock.release()
         if listener is not None and listener is not before:
             self._deliver(still)
 
