@@ -149,6 +149,34 @@ def test_threads_waiting_at_once_each_return_promptly(celery_app):
     assert max(lags.values()) < PROMPT * 2, lags
 
 
+def test_a_waiter_is_not_kept_behind_the_thread_that_drains(celery_app):
+    """A thread whose result is not there drains again as soon as a drain ends (Celery's
+    loop, as fast as Python runs it). Another thread, whose result such a drain may have
+    read, returns when that drain ends. Before: it waited on the session's lock, which
+    Python does not hand over fairly: the draining thread took it back each time, and the
+    other waited many drains (up to its whole timeout)."""
+    stop = threading.Event()
+
+    def drain_again_and_again() -> None:
+        backend = celery_app.backend  # this thread's
+        while not stop.is_set():
+            backend.result_consumer.drain_events(timeout=0.2)
+
+    drainer = threading.Thread(target=drain_again_and_again)
+    drainer.start()
+    try:
+        wait_for(lambda: consumer.hub().lock.locked(), timeout=5)
+        waits = []
+        for _ in range(5):
+            started = time.monotonic()
+            celery_app.backend.result_consumer.drain_events(timeout=5)
+            waits.append(time.monotonic() - started)
+    finally:
+        stop.set()
+        drainer.join(10)
+    assert max(waits) < 1.0, waits  # the drains end every 0.2 s
+
+
 GREENLETS = """
 import sys
 

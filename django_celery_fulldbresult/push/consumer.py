@@ -24,6 +24,7 @@ and committed after a wait's first read, was not notified).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -59,7 +60,11 @@ class Hub:
     """The process's listening session and the consumers (one per backend) it serves."""
 
     def __init__(self) -> None:
+        #: Held by the thread that uses the session (drains, opens it); released through
+        #: ``release()``, which wakes the threads waiting for that use to end.
         self.lock = threading.Lock()
+        self.drained = threading.Event()
+        self._swap = threading.Lock()
         self.listener: Listener | None = None
         self._consumers: weakref.WeakSet[ResultConsumer] = weakref.WeakSet()
         self._consumers_lock = threading.Lock()  # a thread's new backend joins meanwhile
@@ -114,11 +119,30 @@ class Hub:
         listener = self.listener
         return listener if listener is not None and listener.is_open else None
 
+    def release(self) -> None:
+        """Release the session and wake whoever waits for this use of it to end (the
+        next thread to take it may be the one that released it: a waiter blocked on the
+        lock itself could wait for many drains)."""
+        self.lock.release()
+        with self._swap:
+            ended, self.drained = self.drained, threading.Event()
+        ended.set()
+
+    def wait_until_released(self, timeout: float) -> None:
+        """Wait, up to ``timeout`` s, until the thread that holds the session releases it
+        (at once if nobody does)."""
+        released = self.drained
+        if self.lock.locked():
+            released.wait(timeout)
+
     def close(self) -> None:
-        with self.lock:
+        self.lock.acquire()
+        try:
             if self.listener is not None:
                 self.listener.close()
                 self.listener = None
+        finally:
+            self.release()
 
     def _close_when_idle(self) -> None:
         """Close the session once nobody has waited during ``IDLE_CLOSE`` (a result that
@@ -135,7 +159,7 @@ class Hub:
                     self.listener = None
                 return
             finally:
-                self.lock.release()
+                self.release()
 
     def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` s for a notification of a task some caller waits on right
@@ -174,6 +198,8 @@ class Hub:
 
 
 _hub = Hub()
+#: Ticks of deliveries, process-wide (``next()`` of a count is atomic).
+_deliveries = itertools.count(1)
 
 
 def hub() -> Hub:
@@ -203,6 +229,10 @@ class ResultConsumer(BaseResultConsumer):
         self._active_lock = threading.Lock()
         #: Waited-for tasks notified and not read yet (touched with the hub's lock held).
         self._notified: set[str] = set()
+        #: When (``_deliveries``) a row was last handed to this backend's results, and what
+        #: had been when its caller last returned from ``drain_events`` to look at them.
+        self._delivered_at = 0
+        self._looked_at = 0
         hub().join(self)
 
     # -- what Celery calls ------------------------------------------------------
@@ -257,7 +287,7 @@ class ResultConsumer(BaseResultConsumer):
         try:
             listener = shared.open_listener()
         finally:
-            shared.lock.release()
+            shared.release()
         if listener is not None and listener is not before:
             self._deliver(still)
 
@@ -267,14 +297,21 @@ class ResultConsumer(BaseResultConsumer):
         if not shared.lock.acquire(blocking=False):
             # Another thread is draining, for every backend of the process: once it is
             # done, the caller looks at its own result (which it may have set).
-            if shared.lock.acquire(timeout=timeout):
-                shared.lock.release()
+            if self._delivered_at <= self._looked_at:
+                shared.wait_until_released(timeout)
+            self._looked_at = self._delivered_at
             return
         try:
+            if self._delivered_at > self._looked_at:
+                # Delivered to since the caller last looked (by another thread's drain, just
+                # before the caller's look, or by its own first read): it looks first, or it
+                # would wait here for a result it has.
+                return
             shared.last_waited = time.monotonic()
             shared.drain(timeout)
         finally:
-            shared.lock.release()
+            self._looked_at = self._delivered_at
+            shared.release()
 
     # -- the work -----------------------------------------------------------------
 
@@ -315,8 +352,11 @@ class ResultConsumer(BaseResultConsumer):
 
     def _deliver(self, task_ids: list[str]) -> None:
         ready = states.READY_STATES if self.on_message is None else None
-        for meta in self.backend.read_metas(task_ids, ready):
+        metas = self.backend.read_metas(task_ids, ready)
+        for meta in metas:
             self.on_state_change(meta, None)
+        if metas:
+            self._delivered_at = next(_deliveries)
 
 
 def _ids_of(result: Any) -> list[str]:
