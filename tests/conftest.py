@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +35,24 @@ def queue_name(purpose: str) -> str:
 
 
 HELD = queue_name("held")  # no worker consumes it: what the scheduler forwards stays there
+
+
+def run_script(source: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -c source *args`` in a process of its own, on the test database with the
+    testproject's settings (what it prints captured)."""
+    return subprocess.run(
+        [sys.executable, "-c", source, *args],
+        cwd=REPO,
+        env={
+            **os.environ,
+            "FULLDB_TEST_DB": "1",
+            "PYTHONPATH": str(REPO),
+            "DJANGO_SETTINGS_MODULE": "testproject.settings",
+        },
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05):

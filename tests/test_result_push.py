@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -30,7 +27,7 @@ from django_celery_fulldbresult.models import TaskResultMeta
 from django_celery_fulldbresult.push import consumer, sql
 from testproject.demo import tasks
 
-from .conftest import REPO, requires_postgresql, wait_for
+from .conftest import requires_postgresql, run_script, wait_for
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -237,19 +234,7 @@ def test_greenlets_waiting_at_once_each_return_promptly(celery_app, green):
     drains for every greenlet that waits, on the process's one listening session. Before:
     the drainer took the session back after each drain before the waiting greenlets could
     look at it, and their get() never returned, not even at its timeout."""
-    run = subprocess.run(
-        [sys.executable, "-c", GREENLETS, "4", green],
-        cwd=REPO,
-        env={
-            **os.environ,
-            "FULLDB_TEST_DB": "1",
-            "PYTHONPATH": str(REPO),
-            "DJANGO_SETTINGS_MODULE": "testproject.settings",
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = run_script(GREENLETS, "4", green)
     assert run.returncode == 0, run.stderr[-4000:]
     lags = json.loads(run.stdout.split("LAGS ", 1)[1])
     assert len(lags) == 4

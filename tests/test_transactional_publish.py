@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 
@@ -19,10 +16,11 @@ from django.test import Client
 
 from django_celery_fulldbresult import SCHEDULED, SCHEDULED_SENT, scheduler
 from django_celery_fulldbresult.models import TaskResultMeta
+from django_celery_fulldbresult.scheduler import outbox as held_calls
 from testproject.demo import tasks
 from testproject.demo.models import Run
 
-from .conftest import HELD, REPO, STACK, take_messages, wait_for
+from .conftest import HELD, STACK, run_script, take_messages, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,7 +34,7 @@ def outbox(patched):
     patched.DJANGO_CELERY_FULLDBRESULT_TRANSACTIONAL_PUBLISH = True
     patched.DJANGO_CELERY_FULLDBRESULT_TRANSACTIONAL_PUBLISH_GRACE = GRACE
     yield patched
-    scheduler.outbox.close()
+    held_calls.close()
 
 
 def drain(app, queue: str = HELD) -> list[str]:
@@ -142,19 +140,7 @@ with transaction.atomic():
 
 
 def test_a_process_that_dies_after_commit_loses_nothing(outbox, celery_app):
-    run = subprocess.run(
-        [sys.executable, "-c", CRASH, HELD, "2"],
-        cwd=REPO,
-        env={
-            **os.environ,
-            "FULLDB_TEST_DB": "1",
-            "PYTHONPATH": str(REPO),
-            "DJANGO_SETTINGS_MODULE": "testproject.settings",
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = run_script(CRASH, HELD, "2")
     assert run.returncode == 3, run.stderr[-4000:]  # died between commit and publish
     task_id = run.stdout.split("ID ", 1)[1].strip()
     row = TaskResultMeta.objects.get(task_id=task_id)
