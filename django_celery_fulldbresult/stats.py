@@ -2,7 +2,7 @@
 
 ``TaskResultMeta.objects.stats(window)`` returns a plain, JSON-serialisable dict
 (shape in ``docs/design.md``, "Statistics"). It runs a fixed number of statements
-whatever the table size and the number of task names: five.
+whatever the table size and the number of task names: six.
 
 * counts: one ``GROUP BY status, task`` over the rows whose last state change is in
   the window (final rows by ``date_done``, others by ``date_modified``: both indexed);
@@ -10,8 +10,8 @@ whatever the table size and the number of task names: five.
   window): ``percentile_cont`` in SQL on PostgreSQL (per task and overall), else
   the ``RUNTIME_SAMPLE`` most recent runs read in one query and interpolated the same
   way in Python;
-* stale counts: ``get_stale_tasks(...).count()`` and ``get_stale_scheduled_tasks(...)
-  .count()``;
+* stale counts: ``get_stale_tasks(...).count()`` (the live workers read first) and
+  ``get_stale_scheduled_tasks(...).count()``;
 * scheduled backlog: one conditional aggregate over SCHEDULED rows, lateness on the
   database clock.
 
