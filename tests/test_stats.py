@@ -32,7 +32,8 @@ NOBODY = queue_name("nobody-stats")  # no worker consumes it: its task stays PEN
 ADD, FAIL, FLAKY = (f"testproject.demo.tasks.{n}" for n in ("add", "fail", "flaky"))
 SCHEDULED_ADD = "testproject.demo.tasks.scheduled_add"
 HOSTILE = 'evil.<script>alert("x")</script>\\ "quoted"\nnext-line'
-#: stats() statements: counts, run times, stale tasks, stale claims, scheduled backlog.
+#: stats() statements: counts, run times, live workers, stale tasks, stale claims, scheduled
+#: backlog.
 STATS_STATEMENTS = 6
 
 
