@@ -43,7 +43,7 @@ from kombu.serialization import prepare_accept_content
 from kombu.serialization import registry as serializer_registry
 from kombu.utils import json as kombu_json
 
-from . import db, encryption, records, secrecy, serialization
+from . import db, encryption, records, rollups, secrecy, serialization
 from .models import GroupResultMeta, TaskResultMeta
 
 #: ``options["imported_from"]`` of an imported row (read by ``secrecy.refusal``).
@@ -404,6 +404,8 @@ def import_tasks(
         new = [ours for ours, _complete in converted]
         if not dry_run:
             _insert(TaskResultMeta, new)
+            if new:  # old results land in hours stats() may have counted already
+                db.run_with_reconnect(rollups.forget)
         totals.read += len(rows)
         totals.imported += len(new)
         totals.present += len(rows) - len(new)

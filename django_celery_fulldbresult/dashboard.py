@@ -201,6 +201,12 @@ def dashboard_view(request: HttpRequest, model_admin: Any) -> HttpResponse:
             "p99": duration_text(runtime["p99"]),
             "runs": runtime["runs"],
             "exact": runtime["exact"],
+            # merged from hourly histograms: each figure within this much of the exact one
+            "within": (
+                f"{runtime['relative_error'] * 100:.1f} %"
+                if runtime["method"] == "histogram"
+                else None
+            ),
         },
         "lateness": duration_text(scheduled["lateness_seconds"]) if scheduled["due"] else "–",
         "stale_after": duration_text(stale["after_seconds"]),

@@ -386,3 +386,68 @@ class WorkerHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"<Worker: {self.hostname} seen {self.last_seen}>"
+
+
+class StatsHourQuerySet(models.QuerySet):
+    def between(self, first: datetime, end: datetime) -> StatsHourQuerySet:
+        """The hours starting at ``first`` or later and before ``end``."""
+        return self.filter(hour__gte=first, hour__lt=end)
+
+    def aged(self, cutoff: datetime) -> StatsHourQuerySet:
+        """Hours that started before ``cutoff``: past any window ``stats()`` reads them for."""
+        return self.filter(hour__lt=cutoff)
+
+
+class StatsHour(models.Model):
+    """An hour whose finished rows ``stats()`` has counted (``rollups``): its counts are the
+    ``StatsHourCount`` rows pointing here; an hour without any has none to count."""
+
+    #: Start of the hour (UTC with ``USE_TZ``, else the naive clock's hour).
+    hour = models.DateTimeField(primary_key=True)
+    sealed_at = models.DateTimeField(default=timezone.now)
+
+    objects = TaskDatabaseManager.from_queryset(StatsHourQuerySet)()
+
+    def __str__(self) -> str:
+        return f"<Stats hour: {self.hour}>"
+
+
+class StatsHourCount(models.Model):
+    """The rows of one task name and final state done in a sealed hour."""
+
+    id = models.BigAutoField(primary_key=True)
+    hour = models.ForeignKey(StatsHour, on_delete=models.CASCADE, related_name="counts")
+    task = models.CharField(max_length=255)
+    status = models.CharField(max_length=50)
+    count = models.PositiveBigIntegerField()
+
+    objects = TaskDatabaseManager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["hour", "task", "status"], name="fdr_stats_hour_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"<Stats: {self.hour_id} {self.task} {self.status} x{self.count}>"
+
+
+class StatsHourRunTimes(models.Model):
+    """The runs (SUCCESS and FAILURE rows with a start) of one task name done in a sealed
+    hour whose run time falls in one histogram bin (``rollups.bin_of``)."""
+
+    id = models.BigAutoField(primary_key=True)
+    hour = models.ForeignKey(StatsHour, on_delete=models.CASCADE, related_name="run_times")
+    task = models.CharField(max_length=255)
+    bin = models.SmallIntegerField()
+    runs = models.PositiveBigIntegerField()
+
+    objects = TaskDatabaseManager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["hour", "task", "bin"], name="fdr_stats_bin_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"<Run times: {self.hour_id} {self.task} bin {self.bin} x{self.runs}>"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +41,7 @@ from django.db.models import (
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
-from . import db
+from . import db, rollups
 from .db import DatabaseNow
 from .states import FAILURE, FINAL_STATES, SCHEDULED, SUCCESS
 
@@ -93,13 +94,8 @@ def failure_rate(states: dict[str, int]) -> float | None:
     return round(states.get(FAILURE, 0) / done, 6) if done else None
 
 
-def _counts(queryset: QuerySet, since: dt.datetime) -> dict[str, dict[str, int]]:
-    rows = (
-        queryset.filter(in_window(since))
-        .order_by()
-        .values_list("task", "status")
-        .annotate(n=Count("pk"))
-    )
+def _counts(queryset: QuerySet, rows: Q) -> dict[str, dict[str, int]]:
+    rows = queryset.filter(rows).order_by().values_list("task", "status").annotate(n=Count("pk"))
     per_task: dict[str, dict[str, int]] = {}
     for task, status, n in rows:
         per_task.setdefault(task, {})[status] = n
@@ -171,9 +167,10 @@ def _runtime_sample(queryset: QuerySet, since: dt.datetime) -> tuple[dict, dict]
 def _scheduled(queryset: QuerySet) -> dict[str, Any]:
     due = Q(eta__lte=DatabaseNow())
     lateness = ExpressionWrapper(DatabaseNow() - F("eta"), output_field=DurationField())
+    # Only eta and status are read: an index-only scan of fdr_scheduled_eta_idx.
     figures = queryset.filter(status=SCHEDULED).aggregate(
-        backlog=Count("pk"),
-        due=Count("pk", filter=due),
+        backlog=Count("*"),
+        due=Count("eta", filter=due),
         oldest_due_eta=Min("eta", filter=due),
         lateness=Max(lateness, filter=due),
     )
@@ -185,6 +182,61 @@ def _scheduled(queryset: QuerySet) -> dict[str, Any]:
     }
 
 
+def _exact_runtime(queryset: QuerySet, since: dt.datetime) -> tuple[dict, dict]:
+    if _vendor(queryset) == "postgresql":
+        return _runtime_sql(queryset, since)
+    return _runtime_sample(queryset, since)
+
+
+def _histogram_runtime(
+    sealed: dict[str, Counter[int]], live: dict[str, Counter[int]]
+) -> tuple[dict, dict]:
+    """Run times merged from the sealed hours' histograms and the rest's (approximate)."""
+    everything: Counter[int] = Counter()
+    per_task = {}
+    for task in sealed.keys() | live.keys():
+        histogram = sealed.get(task, Counter()) + live.get(task, Counter())
+        everything.update(histogram)
+        per_task[task] = _histogram_summary(histogram)
+    overall = {
+        "method": "histogram",
+        "exact": False,
+        "relative_error": rollups.RELATIVE_ERROR,
+        **_histogram_summary(everything),
+    }
+    return overall, per_task
+
+
+def _histogram_summary(histogram: Counter[int]) -> dict[str, Any]:
+    return {
+        "runs": sum(histogram.values()),
+        **{_key(f): rollups.percentile(histogram, f) for f in PERCENTILES},
+    }
+
+
+def _window_figures(
+    queryset: QuerySet, since: dt.datetime, now: dt.datetime, exact: bool
+) -> tuple[dict[str, dict[str, int]], dict, dict]:
+    """Counts per task and state, and run times, over the window: from the rows, or from
+    the sealed hours' rollups and the rows of the rest of the window."""
+    span = None if exact or not rollups.applies(queryset) else rollups.sealable(since, now)
+    sealed = rollups.read(queryset, span, now) if span else None
+    if sealed is None:
+        return (_counts(queryset, in_window(since)), *_exact_runtime(queryset, since))
+    rest = span.outside(since) | (~Q(status__in=_FINALS) & Q(date_modified__gte=since))
+    if sealed.has_runs():
+        counts, live_run_times = rollups.live_figures(queryset, rest)
+        runtime, task_runtime = _histogram_runtime(sealed.run_times, live_run_times)
+    else:  # nothing ran in the sealed hours: exact run times cost no more
+        counts = _counts(queryset, rest)
+        runtime, task_runtime = _exact_runtime(queryset, since)
+    for task, per_state in sealed.counts.items():
+        mine = counts.setdefault(task, {})
+        for status, n in per_state.items():
+            mine[status] = mine.get(status, 0) + n
+    return counts, runtime, task_runtime
+
+
 def collect(
     queryset: QuerySet,
     window: dt.timedelta = DEFAULT_WINDOW,
@@ -192,15 +244,17 @@ def collect(
     stale_after: dt.timedelta = DEFAULT_STALE_AFTER,
     claim_stale_after: dt.timedelta = DEFAULT_CLAIM_STALE_AFTER,
     now: dt.datetime | None = None,
+    exact: bool = False,
 ) -> dict[str, Any]:
-    """The figures of ``queryset`` (usually every task row) over the last ``window``."""
+    """The figures of ``queryset`` (usually every task row) over the last ``window``.
+
+    ``exact``: read every row of the window, not the rollups of its sealed hours (exact
+    run-time percentiles; counts that include rows written or deleted after their hour was
+    sealed).
+    """
     now = now or timezone.now()
     since = now - window
-    counts = _counts(queryset, since)
-    vendor = _vendor(queryset)
-    runtime, task_runtime = (_runtime_sql if vendor == "postgresql" else _runtime_sample)(
-        queryset, since
-    )
+    counts, runtime, task_runtime = _window_figures(queryset, since, now, exact)
     states: dict[str, int] = {}
     tasks: dict[str, Any] = {}
     for task, per_state in sorted(counts.items(), key=lambda kv: (-sum(kv[1].values()), kv[0])):
@@ -237,8 +291,6 @@ def collect(
 
 
 def _vendor(queryset: QuerySet) -> str:
-    from django.db import connections
-
     return connections[queryset.db].vendor
 
 
@@ -248,22 +300,29 @@ def hourly(
     """Completions and failures per hour, oldest first: the current hour and ``hours - 1`` before.
 
     Each item: ``{"hour": <datetime, start of the hour>, "SUCCESS": n, "FAILURE": n}``.
-    One statement; buckets are UTC hours (``TruncHour`` with a fixed zone needs no time
-    zone tables on MySQL) and hours without a completion are filled in with zeros.
+    Sealed hours come from their rollups (``rollups``), the others from one ``GROUP BY`` on
+    ``TruncHour(date_done)`` (UTC buckets, portable); hours without a completion are filled
+    in with zeros.
     """
     now = now or timezone.now()
-    utc = dt.timezone.utc if timezone.is_aware(now) else None
-    current = (now.astimezone(utc) if utc else now).replace(minute=0, second=0, microsecond=0)
+    current = rollups.hour_of(now)
     first = current - dt.timedelta(hours=hours - 1)
-    rows = (
-        queryset.filter(status__in=_RUN_STATES, date_done__gte=first)
-        .order_by()
-        .annotate(hour=TruncHour("date_done", tzinfo=utc))
+    found: dict[tuple[dt.datetime, str], int] = {}
+    span = rollups.sealable(first, now) if rollups.applies(queryset) else None
+    sealed = rollups.read(queryset, span, now, run_times=False) if span else None
+    rows = queryset.filter(status__in=_RUN_STATES, date_done__gte=first)
+    if sealed is not None:
+        for hour, per_state in sealed.hours.items():
+            for status in _RUN_STATES:
+                found[(hour, status)] = per_state.get(status, 0)
+        rows = rows.filter(date_done__gte=span.end)
+    counted = (
+        rows.order_by()
+        .annotate(hour=TruncHour("date_done", tzinfo=rollups.utc_of(now)))
         .values_list("hour", "status")
         .annotate(n=Count("pk"))
     )
-    found: dict[tuple[dt.datetime, str], int] = {}
-    for hour, status, n in rows:
+    for hour, status, n in counted:
         found[(hour, status)] = n
     buckets = []
     for index in range(hours):

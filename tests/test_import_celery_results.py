@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import sys
 import uuid
+from datetime import timedelta
 from functools import partial
 
 import pytest
@@ -17,13 +18,14 @@ from celery.app.task import Context
 from celery.result import AsyncResult, GroupResult
 from django.core.management import CommandError, call_command
 from django.urls import reverse
+from django.utils import timezone
 from django_celery_results.backends import DatabaseBackend
 from django_celery_results.models import GroupResult as SourceGroup
 from django_celery_results.models import TaskResult as SourceTask
 from kombu.exceptions import ContentDisallowed
 
 from django_celery_fulldbresult import celery_results_import, db, secrecy
-from django_celery_fulldbresult.models import GroupResultMeta, TaskResultMeta
+from django_celery_fulldbresult.models import GroupResultMeta, StatsHour, TaskResultMeta
 from django_celery_fulldbresult.result_backends import DatabaseResultBackend
 from testproject.demo import tasks
 
@@ -245,6 +247,18 @@ def test_dry_run_writes_nothing():
     output = run("--dry-run")
     assert "Would import 5 of 5 task rows read" in output
     assert not TaskResultMeta.objects.exists()
+
+
+def test_imported_history_is_counted_by_stats():
+    """stats() has sealed the day's past hours (nothing in them) before the import brings
+    rows done 3 hours ago: they are counted (the import forgets the rollups)."""
+    assert TaskResultMeta.objects.stats()["total"] == 0
+    assert StatsHour.objects.exists()
+    backend = source_backend()
+    ids = [store(backend, result=i) for i in range(3)]
+    SourceTask.objects.filter(task_id__in=ids).update(date_done=timezone.now() - timedelta(hours=3))
+    assert "Imported 3 of 3" in run()
+    assert TaskResultMeta.objects.stats()["states"] == {states.SUCCESS: 3}
 
 
 def test_since_and_unfinished_states():

@@ -32,9 +32,10 @@ NOBODY = queue_name("nobody-stats")  # no worker consumes it: its task stays PEN
 ADD, FAIL, FLAKY = (f"testproject.demo.tasks.{n}" for n in ("add", "fail", "flaky"))
 SCHEDULED_ADD = "testproject.demo.tasks.scheduled_add"
 HOSTILE = 'evil.<script>alert("x")</script>\\ "quoted"\nnext-line'
-#: stats() statements: counts, run times, live workers, stale tasks, stale claims, scheduled
-#: backlog.
-STATS_STATEMENTS = 6
+#: stats() statements once the window's past hours are sealed (``test_stats_rollups``): the
+#: rollups of those hours, counts, run times, live workers, stale tasks, stale claims,
+#: scheduled backlog.
+STATS_STATEMENTS = 7
 
 
 def row(task_id: str) -> TaskResultMeta:
@@ -89,6 +90,7 @@ def oracle(values: list[float]) -> dict[str, float]:
 
 
 def test_stats_match_the_seeded_tasks(seeded):
+    TaskResultMeta.objects.stats()  # seals the window's past hours (nothing ran in them)
     with CaptureQueriesContext(connection) as queries:
         figures = TaskResultMeta.objects.stats()
     assert len(queries) == STATS_STATEMENTS, [q["sql"] for q in queries]
@@ -174,6 +176,7 @@ def test_sampled_percentiles_say_so(monkeypatch):
 def test_statement_count_does_not_grow_with_task_names():
     for index in range(40):
         _runs_with_durations([1, 2], task=f"demo.task{index}")
+    TaskResultMeta.objects.stats()
     with CaptureQueriesContext(connection) as queries:
         figures = TaskResultMeta.objects.stats()
     assert len(figures["tasks"]) == 40
@@ -241,6 +244,7 @@ def _user(name: str, staff: bool, superuser: bool = False, perms: tuple[str, ...
 def test_dashboard_shows_the_figures_and_the_chart(seeded, client):
     TaskResultMeta.objects.filter(task_id=seeded["flaky"]).update(task=HOSTILE)
     client.force_login(_user("boss", staff=True, superuser=True))
+    client.get(reverse(DASHBOARD))  # seals the past hours
     with CaptureQueriesContext(connection) as queries:
         response = client.get(reverse(DASHBOARD))
     assert response.status_code == 200
@@ -257,8 +261,8 @@ def test_dashboard_shows_the_figures_and_the_chart(seeded, client):
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
     table = TaskResultMeta._meta.db_table
     task_queries = [q for q in queries if table in q["sql"]]
-    # stats' statements but the live workers' (on the heartbeat table), + the hourly chart
-    assert len(task_queries) == STATS_STATEMENTS - 1 + 1
+    # stats' statements but the rollups' and the live workers' (other tables), + the chart
+    assert len(task_queries) == STATS_STATEMENTS - 2 + 1
 
 
 def test_dashboard_permissions(client):
@@ -343,6 +347,7 @@ def test_stats_statements_use_indexes_on_postgresql():
         )
         cursor.execute(f"ANALYZE {table}")
     _runs_with_durations([1, 2, 3])
+    TaskResultMeta.objects.stats()
     with CaptureQueriesContext(connection) as queries:
         TaskResultMeta.objects.stats()
     assert len(queries) == STATS_STATEMENTS

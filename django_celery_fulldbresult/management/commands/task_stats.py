@@ -38,7 +38,12 @@ def render_text(stats: dict[str, Any]) -> str:
     """A report for a terminal: totals first, then one line per task name."""
     window = window_text(stats["window"]["seconds"])
     runtime = stats["runtime"]
-    how = "exact" if runtime["exact"] else f"of the {runtime['runs']} most recent runs"
+    if runtime["exact"]:
+        how = "exact"
+    elif runtime["method"] == "histogram":
+        how = f"each within {runtime['relative_error']:.1%}"
+    else:
+        how = f"of the {runtime['runs']} most recent runs"
     lines = [
         f"Task results over the last {window} (since {stats['window']['start']})",
         f"  total {stats['total']}, failure rate {_percent(stats['failure_rate'])}",
@@ -89,6 +94,12 @@ class Command(DocumentedCommand):
             help="text (default), json, or Prometheus text exposition format.",
         )
         parser.add_argument(
+            "--exact",
+            action="store_true",
+            help="Read every row of the window, not the hourly rollups of its past hours "
+            "(exact run-time percentiles; slower on a large table).",
+        )
+        parser.add_argument(
             "--stale-minutes",
             type=float,
             default=60.0,
@@ -109,6 +120,7 @@ class Command(DocumentedCommand):
             window,
             stale_after=timedelta(minutes=options["stale_minutes"]),
             claim_stale_after=timedelta(minutes=options["claim_minutes"]),
+            exact=options["exact"],
         )
         if options["format"] == "json":
             self.stdout.write(json.dumps(stats, indent=2))
