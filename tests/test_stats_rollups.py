@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import uuid
 from collections import Counter
 from datetime import timedelta
@@ -231,3 +232,54 @@ def test_old_rollups_are_dropped_when_an_hour_is_sealed():
     assert not StatsHour.objects.filter(hour=ancient).exists()
     assert not StatsHourCount.objects.filter(hour_id=ancient).exists()
     assert not StatsHourRunTimes.objects.filter(hour_id=ancient).exists()
+
+
+def test_rollups_without_time_zones(settings):
+    """``USE_TZ = False``: naive hours on the naive clock, the same figures as the rows'."""
+    settings.USE_TZ = False
+    now = timezone.now()
+    assert timezone.is_naive(now)
+    TaskResultMeta.objects.bulk_create(
+        TaskResultMeta(
+            task_id=str(uuid.uuid4()),
+            task="demo.naive",
+            status=states.SUCCESS if i % 4 else states.FAILURE,
+            date_started=now - 3 * HOUR - timedelta(seconds=i + 1),
+            date_done=now - 3 * HOUR,
+            date_modified=now - 3 * HOUR,
+        )
+        for i in range(8)
+    )
+    figures = TaskResultMeta.objects.stats()
+    assert figures["states"] == {"SUCCESS": 6, "FAILURE": 2}
+    assert figures["runtime"]["method"] == "histogram" and figures["runtime"]["runs"] == 8
+    sealed = StatsHour.objects.get(counts__task="demo.naive", counts__status="SUCCESS")
+    assert timezone.is_naive(sealed.hour) and sealed.hour == rollups.hour_of(now - 3 * HOUR)
+    chart = stats.hourly(TaskResultMeta.objects.all(), 24)
+    assert [(b["SUCCESS"], b["FAILURE"]) for b in chart if b["SUCCESS"]] == [(6, 2)]
+
+
+def test_two_readers_sealing_at_once_agree(history):
+    """Two processes' first stats() at once: both seal the same hours; the second's inserts
+    are skipped, neither fails, and each hour is counted once."""
+    barrier = threading.Barrier(2)
+    results: list = []
+
+    def first_read() -> None:
+        try:
+            barrier.wait(timeout=10)
+            results.append(TaskResultMeta.objects.stats()["states"])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            results.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=first_read) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [{"SUCCESS": 6, "FAILURE": 2}] * 2
+    counted = sorted((c.hour_id, c.task, c.status) for c in StatsHourCount.objects.all())
+    assert len(counted) == len(set(counted)) == 2
+    assert TaskResultMeta.objects.stats()["states"] == {"SUCCESS": 6, "FAILURE": 2}
