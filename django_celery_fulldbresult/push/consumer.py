@@ -63,7 +63,8 @@ class Hub:
         #: Held by the thread that uses the session (drains, opens it); released through
         #: ``release()``, which wakes the threads waiting for that use to end.
         self.lock = threading.Lock()
-        self.drained = threading.Event()
+        #: Set when the current use of the session ends (swapped for a new event at each).
+        self._released = threading.Event()
         self._swap = threading.Lock()
         self.listener: Listener | None = None
         self._consumers: weakref.WeakSet[ResultConsumer] = weakref.WeakSet()
@@ -125,13 +126,13 @@ class Hub:
         lock itself could wait for many drains)."""
         self.lock.release()
         with self._swap:
-            ended, self.drained = self.drained, threading.Event()
+            ended, self._released = self._released, threading.Event()
         ended.set()
 
     def wait_until_released(self, timeout: float) -> None:
         """Wait, up to ``timeout`` s, until the thread that holds the session releases it
         (at once if nobody does)."""
-        released = self.drained
+        released = self._released
         if self.lock.locked():
             released.wait(timeout)
 
