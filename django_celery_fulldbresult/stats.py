@@ -2,21 +2,27 @@
 
 ``TaskResultMeta.objects.stats(window)`` returns a plain, JSON-serialisable dict
 (shape in ``docs/design.md``, "Statistics"). It runs a fixed number of statements
-whatever the table size and the number of task names: six.
+whatever the table size and the number of task names: seven once the window's past hours
+are sealed (``rollups``; the first call that reads an hour counts it).
 
-* counts: one ``GROUP BY status, task`` over the rows whose last state change is in
-  the window (final rows by ``date_done``, others by ``date_modified``: both indexed);
+* the sealed hours (whole hours ended ``rollups.SEAL_AFTER`` ago): their counts per task
+  and state, and their run-time histograms summed per task and bin, from the rollups;
+* the rest of the window from the task table: final rows done outside the sealed hours and
+  unfinished rows changed in the window, counts and run-time bins in one ``GROUP BY``;
 * run times (``date_done - date_started`` of SUCCESS and FAILURE rows done in the
-  window): ``percentile_cont`` in SQL on PostgreSQL (per task and overall), else
-  the ``RUNTIME_SAMPLE`` most recent runs read in one query and interpolated the same
-  way in Python;
+  window): merged histograms (within ``rollups.RELATIVE_ERROR``) when the sealed hours hold
+  runs; else, and with ``exact=True``, ``percentile_cont`` in SQL on PostgreSQL (per task
+  and overall) or the ``RUNTIME_SAMPLE`` most recent runs read in one query and
+  interpolated the same way in Python;
 * stale counts: ``get_stale_tasks(...).count()`` (the live workers read first) and
   ``get_stale_scheduled_tasks(...).count()``;
 * scheduled backlog: one conditional aggregate over SCHEDULED rows, lateness on the
   database clock.
 
-``hourly(...)`` is the dashboard's chart: completions and failures per hour, one
-``GROUP BY`` on ``TruncHour(date_done)`` (UTC buckets, portable).
+``exact=True`` (or a filtered queryset) reads every row of the window instead of the
+rollups: six statements. ``hourly(...)`` is the dashboard's chart: completions and failures
+per hour, from the rollups and one ``GROUP BY`` on ``TruncHour(date_done)`` (UTC buckets,
+portable) for the later hours.
 """
 
 from __future__ import annotations
@@ -167,7 +173,7 @@ def _runtime_sample(queryset: QuerySet, since: dt.datetime) -> tuple[dict, dict]
 def _scheduled(queryset: QuerySet) -> dict[str, Any]:
     due = Q(eta__lte=DatabaseNow())
     lateness = ExpressionWrapper(DatabaseNow() - F("eta"), output_field=DurationField())
-    # Only eta and status are read: an index-only scan of fdr_scheduled_eta_idx.
+    # Only eta and status are read: an index-only scan (fdr_state_eta_idx on PostgreSQL).
     figures = queryset.filter(status=SCHEDULED).aggregate(
         backlog=Count("*"),
         due=Count("eta", filter=due),
