@@ -74,6 +74,12 @@ def test_a_workers_sessions_do_not_grow_with_its_tasks(worker_processes, pool, c
         queues=queue,
         env=_session_env(name),
     )
+    # Every process or thread of the pool runs a task first (as many half-second tasks as
+    # it has, at once): 200 quick tasks may leave one of them idle, whose first task would
+    # open its session in a later round (CI rehearsal 31, threads: 4 then 5 sessions).
+    warm = [tasks.sleep.apply_async((0.5,), queue=queue) for _ in range(concurrency)]
+    for result in warm:
+        result.get(timeout=120)
     counts = []
     for _ in range(2):
         results = [tasks.add.apply_async((i, i), queue=queue) for i in range(200)]
