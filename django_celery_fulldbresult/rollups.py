@@ -246,7 +246,7 @@ def read(
     missing = [hour for hour in span.hours() if hour not in sealed]
     if missing:
         try:
-            counted, ran = seal(queryset, missing, now)
+            counted = seal(queryset, missing, now)
         except DatabaseError:
             logger.warning("stats: could not seal %d hours; reading the rows", len(missing))
             return None
@@ -268,10 +268,11 @@ def read(
 
 def seal(
     queryset: QuerySet, hours: Iterable[dt.datetime], now: dt.datetime
-) -> tuple[list[StatsHourCount], list[StatsHourRunTimes]]:
+) -> list[StatsHourCount]:
     """Count the final rows of ``hours`` (one ``GROUP BY`` over their range) and keep the
-    counts; hours another process sealed meanwhile keep its counts. Drops hours older than
-    ``KEEP``. Returns the counts and run-time bins of ``hours``."""
+    counts and run-time bins; hours another process sealed meanwhile keep its counts. Drops
+    hours older than ``KEEP``. Returns the counts of ``hours`` (``read`` sums the bins of the
+    whole span in the database afterwards)."""
     hours = sorted(hours)
     first, end = hours[0], hours[-1] + dt.timedelta(hours=1)
     wanted = set(hours)
@@ -309,7 +310,7 @@ def seal(
         )
         for model, rows in ((StatsHourCount, counts), (StatsHourRunTimes, bins)):
             model.objects.using(using).bulk_create(list(rows.values()), ignore_conflicts=True)
-    return list(counts.values()), list(bins.values())
+    return list(counts.values())
 
 
 def forget(using: str) -> None:

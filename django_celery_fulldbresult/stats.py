@@ -76,11 +76,14 @@ def _iso(value: dt.datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
+def unfinished_since(since: dt.datetime) -> Q:
+    """Unfinished rows whose last state change is at or after ``since``."""
+    return ~Q(status__in=_FINALS) & Q(date_modified__gte=since)
+
+
 def in_window(since: dt.datetime) -> Q:
     """Rows whose last state change is at or after ``since`` (each branch has an index)."""
-    finished = Q(status__in=_FINALS, date_done__gte=since)
-    unfinished = ~Q(status__in=_FINALS) & Q(date_modified__gte=since)
-    return finished | unfinished
+    return Q(status__in=_FINALS, date_done__gte=since) | unfinished_since(since)
 
 
 def interpolate(sorted_values: Sequence[float], fraction: float) -> float | None:
@@ -229,7 +232,7 @@ def _window_figures(
     sealed = rollups.read(queryset, span, now) if span else None
     if sealed is None:
         return (_counts(queryset, in_window(since)), *_exact_runtime(queryset, since))
-    rest = span.outside(since) | (~Q(status__in=_FINALS) & Q(date_modified__gte=since))
+    rest = span.outside(since) | unfinished_since(since)
     if sealed.has_runs():
         counts, live_run_times = rollups.live_figures(queryset, rest)
         runtime, task_runtime = _histogram_runtime(sealed.run_times, live_run_times)
