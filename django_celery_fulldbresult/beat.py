@@ -13,6 +13,9 @@ from typing import Any
 
 import django
 from django.apps import apps
+from django.db import router
+
+from . import db
 
 SENDER_TASK = "django_celery_fulldbresult.tasks.send_scheduled_task"
 ENTRY_NAME = "django-celery-fulldbresult: send scheduled tasks"
@@ -75,18 +78,19 @@ def install_scheduler_entry(
     if periodic_task_model is None:
         from django_celery_beat.models import PeriodicTask as periodic_task_model
     interval_model = periodic_task_model._meta.get_field("interval").related_model
-    schedule, _ = interval_model.objects.get_or_create(every=every, period="seconds")
-    return periodic_task_model.objects.update_or_create(
-        name=ENTRY_NAME,
-        defaults={
-            "task": SENDER_TASK,
-            "interval": schedule,
-            "crontab": None,
-            "solar": None,
-            "clocked": None,
-            "enabled": True,
-            "queue": queue,
-            "expire_seconds": every,
-            "description": "Forwards due eta/countdown tasks held in the database.",
-        },
-    )
+    with db.writing_first(router.db_for_write(periodic_task_model)):
+        schedule, _ = interval_model.objects.get_or_create(every=every, period="seconds")
+        return periodic_task_model.objects.update_or_create(
+            name=ENTRY_NAME,
+            defaults={
+                "task": SENDER_TASK,
+                "interval": schedule,
+                "crontab": None,
+                "solar": None,
+                "clocked": None,
+                "enabled": True,
+                "queue": queue,
+                "expire_seconds": every,
+                "description": "Forwards due eta/countdown tasks held in the database.",
+            },
+        )

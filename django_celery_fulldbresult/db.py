@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -267,6 +267,30 @@ def insert_all_absent(model: Any, objs: list, using: str) -> None:
         if rest:
             last = insert_absent_sql(connection, model, fields, len(rest) // len(fields))
             cursor.execute(last, rest)
+
+
+#: A write that changes nothing, to take SQLite's write lock (``writing_first``): on the
+#: table every migrated database has.
+SQLITE_TAKE_WRITE_LOCK = "UPDATE django_migrations SET app = app WHERE 0 = 1"
+
+
+@contextlib.contextmanager
+def writing_first(using: str) -> Iterator[None]:
+    """``transaction.atomic(using)`` for a transaction that reads before it writes
+    (Django's ``get_or_create``, ``update_or_create``).
+
+    With Django's default (deferred) transactions SQLite refuses such a transaction's write
+    at once ("database is locked"; the busy ``timeout`` is not consulted) when another
+    connection committed after its first read, and workers commit results all the time. On
+    SQLite its first statement therefore takes the write lock (waiting its turn, up to the
+    ``timeout``); elsewhere row locks do the job and nothing is added.
+    """
+    with transaction.atomic(using=using):
+        connection = connections[using]
+        if connection.vendor == "sqlite":
+            with connection.cursor() as cursor:
+                cursor.execute(SQLITE_TAKE_WRITE_LOCK)
+        yield
 
 
 def compiled_where(queryset) -> tuple[str, list]:

@@ -223,8 +223,10 @@ def _transition(
     ids = [row["id"] for row in rows]
 
     def run(alias: str) -> list[LostRow]:
+        # Building the queryset reads the live workers: before the transaction, whose first
+        # statement is then the UPDATE (docs/design.md, "SQLite: transactions write first").
+        still = _rows(alias).filter(id__in=ids).recoverable(max_age, acceptable_states)
         with transaction.atomic(using=alias):
-            still = _rows(alias).filter(id__in=ids).recoverable(max_age, acceptable_states)
             if not change(still.filter(as_read), marker):
                 return []
             mine = _rows(alias).filter(id__in=ids).claimed(marker)

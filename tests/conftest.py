@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -176,6 +177,42 @@ def worker(django_db_setup, django_db_blocker, celery_app) -> Iterator[object]:
             yield running
         finally:
             heartbeat.on_worker_shutdown()
+
+
+@contextlib.contextmanager
+def a_worker_commits_after_reads(alias: str, table: str) -> Iterator[list]:
+    """While inside, after each SELECT on ``table`` this thread's ``alias`` connection
+    sends, the real worker runs a task and commits its result before the next statement:
+    what a busy worker does at the worst moment (unless the watched transaction already
+    wrote: on SQLite it then holds the write lock). Published and awaited on another thread
+    (its own connections, not the one being watched). Yields the results stored.
+
+    On SQLite with Django's default (deferred) transactions, a transaction that read and
+    then writes is refused at once ("database is locked") after such a commit."""
+    from testproject.demo import tasks
+
+    connection = connections[alias]
+    stored: list = []
+    wrote_in = []  # the transaction of the watched connection that wrote, if any
+
+    def commit_after_a_read(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        verb = sql.lstrip()[:6].upper()
+        if not connection.in_atomic_block:
+            wrote_in.clear()
+        elif verb in ("INSERT", "UPDATE", "DELETE"):
+            wrote_in[:] = [True]
+        # Once its transaction wrote, it may hold SQLite's write lock: nobody commits then.
+        if verb == "SELECT" and table in sql and not wrote_in:
+            other = threading.Thread(
+                target=lambda: stored.append(tasks.add.delay(2, 3).get(timeout=30))
+            )
+            other.start()
+            other.join()
+        return result
+
+    with connections[alias].execute_wrapper(commit_after_a_read):
+        yield stored
 
 
 #: The longest a test's end waits for the in-process worker to finish what it runs.

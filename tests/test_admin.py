@@ -17,6 +17,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from django_celery_fulldbresult import SCHEDULED, SCHEDULED_SENT, scheduler
+from django_celery_fulldbresult.db import writing_first
 from django_celery_fulldbresult.models import TaskResultMeta
 from testproject.demo import tasks
 from testproject.demo.models import Run
@@ -458,11 +459,15 @@ def test_revoke_pending_and_scheduled_tasks(admin_client, settings, celery_app):
 def periodic(db):
     from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-    every = IntervalSchedule.objects.create(every=1, period="days")
+    # django-celery-beat records each change with update_or_create (a read, then a write):
+    # on SQLite, taking the write lock first keeps a worker's commit from refusing it.
+    with writing_first("default"):
+        every = IntervalSchedule.objects.create(every=1, period="days")
 
     def create(**values):
         defaults = {"interval": every, "task": "testproject.demo.tasks.echo", "enabled": False}
-        return PeriodicTask.objects.create(**{**defaults, **values})
+        with writing_first("default"):
+            return PeriodicTask.objects.create(**{**defaults, **values})
 
     return create
 

@@ -16,6 +16,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from django_celery_fulldbresult import SCHEDULED, admin_actions
+from django_celery_fulldbresult.db import writing_first
 from django_celery_fulldbresult.models import TaskResultMeta
 
 from .beat_support import needs_beat
@@ -99,10 +100,11 @@ def test_a_subclass_offering_every_action_still_refuses_it(staff, action, celery
 def nightly():
     from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-    every = IntervalSchedule.objects.create(every=1, period="days")
-    return PeriodicTask.objects.create(
-        name="nightly", task="testproject.demo.tasks.echo", interval=every, queue=HELD
-    )
+    with writing_first("default"):  # see test_admin.periodic
+        every = IntervalSchedule.objects.create(every=1, period="days")
+        return PeriodicTask.objects.create(
+            name="nightly", task="testproject.demo.tasks.echo", interval=every, queue=HELD
+        )
 
 
 @pytest.fixture

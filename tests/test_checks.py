@@ -9,6 +9,7 @@ django-celery-beat and the MySQL isolation level are also shown on a user projec
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import os
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from testproject.demo import tasks
 
 from .beat_support import INSTALLED as BEAT_INSTALLED
 from .beat_support import needs_beat
-from .conftest import HELD, QUEUE_PREFIX, REPO, STACK
+from .conftest import HELD, QUEUE_PREFIX, REPO, STACK, a_worker_commits_after_reads
 from .test_publish_tracking import drain
 
 USERPROJECT = REPO / "userproject"
@@ -329,6 +330,22 @@ def test_a_periodic_task_running_the_sender_counts_as_a_sender(settings):
     entry.enabled = False
     entry.save()
     assert ours(["default"]) == ["django_celery_fulldbresult.I001"]
+
+
+@needs_beat
+@pytest.mark.django_db(transaction=True)
+def test_the_beat_entry_is_installed_while_a_worker_stores_results(worker):
+    """``setup_scheduler_beat`` reads the beat entry and its interval, then writes them
+    (``get_or_create``, ``update_or_create``); a worker commits a result after each read.
+    On SQLite that refused the write at once ("database is locked"); now the transaction
+    takes the write lock first (``db.writing_first``), and the worker commits after it."""
+    from django_celery_beat.models import PeriodicTask
+
+    with a_worker_commits_after_reads("default", "django_celery_beat_"):
+        call_command("setup_scheduler_beat", stdout=io.StringIO())
+        call_command("setup_scheduler_beat", "--every", "30", stdout=io.StringIO())
+    entry = PeriodicTask.objects.get(name=beat.ENTRY_NAME)
+    assert entry.enabled and entry.interval.every == 30
 
 
 # -- W005: MySQL/MariaDB isolation level ---------------------------------------------------

@@ -17,12 +17,12 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
-from django_celery_fulldbresult import checks, recovery
+from django_celery_fulldbresult import checks, db, recovery
 from django_celery_fulldbresult.models import TaskResultMeta, WorkerHeartbeat
 from testproject.demo import tasks
 from testproject.demo.models import Run
 
-from .conftest import HELD, queue_name, take_messages, wait_for
+from .conftest import HELD, a_worker_commits_after_reads, queue_name, take_messages, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -246,6 +246,24 @@ def test_a_failed_chord_part_fails_its_chord(celery_app, policy):
     body = row(result.id)
     assert body.status == states.FAILURE
     assert "WorkerLostError" in str(body.result)
+
+
+def test_a_result_stored_between_recoverys_read_and_its_write(worker, celery_app, policy):
+    """Recovery reads the live workers, then changes the lost rows. A worker stores results
+    all the time; here a real worker's SUCCESS is committed right after each read of the
+    live workers. On SQLite (Django's default deferred transactions, WAL) a transaction
+    that read and then writes is refused at once ("database is locked", no busy wait) when
+    another connection committed in between: the read must come before the transaction,
+    whose first statement then writes (CI, Django 6.1 on SQLite, while the session's worker
+    wrote)."""
+    policy("fail")
+    task_id = lost(celery_app)
+    heartbeats = WorkerHeartbeat._meta.db_table
+    with a_worker_commits_after_reads(db.write_alias(), heartbeats) as stored:
+        outcome = recovery.recover_stale(celery_app, max_age=AGE)
+    assert stored and set(stored) == {5}
+    assert outcome.failed == [task_id]
+    assert row(task_id).status == states.FAILURE
 
 
 # -- the guard: rows that moved on are left alone ----------------------------------------
