@@ -21,6 +21,7 @@ import pytest
 from django.db import connections
 
 from django_celery_fulldbresult import heartbeat
+from testproject.demo import tasks
 from testproject.workers import worker_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,21 +190,17 @@ def a_worker_commits_after_reads(alias: str, table: str) -> Iterator[list]:
 
     On SQLite with Django's default (deferred) transactions, a transaction that read and
     then writes is refused at once ("database is locked") after such a commit."""
-    from testproject.demo import tasks
-
     connection = connections[alias]
     stored: list = []
-    wrote_in = []  # the transaction of the watched connection that wrote, if any
+    wrote = False  # the watched connection's current transaction wrote
 
     def commit_after_a_read(execute, sql, params, many, context):
+        nonlocal wrote
         result = execute(sql, params, many, context)
         verb = sql.lstrip()[:6].upper()
-        if not connection.in_atomic_block:
-            wrote_in.clear()
-        elif verb in ("INSERT", "UPDATE", "DELETE"):
-            wrote_in[:] = [True]
+        wrote = connection.in_atomic_block and (wrote or verb in ("INSERT", "UPDATE", "DELETE"))
         # Once its transaction wrote, it may hold SQLite's write lock: nobody commits then.
-        if verb == "SELECT" and table in sql and not wrote_in:
+        if verb == "SELECT" and table in sql and not wrote:
             other = threading.Thread(
                 target=lambda: stored.append(tasks.add.delay(2, 3).get(timeout=30))
             )
@@ -211,7 +208,7 @@ def a_worker_commits_after_reads(alias: str, table: str) -> Iterator[list]:
             other.join()
         return result
 
-    with connections[alias].execute_wrapper(commit_after_a_read):
+    with connection.execute_wrapper(commit_after_a_read):
         yield stored
 
 
