@@ -374,10 +374,19 @@ def scheduler_rows(result: dict) -> list[list[str]]:
         rows.append(
             [
                 f"scheduler: forwarding tasks/s, {forward['count']:,} due rows, one process "
-                "(baseline: plain apply_async)",
+                "(baseline: plain apply_async with confirms on, `confirm_publish`)",
+                forward["forward_per_s"],
+                forward["confirmed_per_s"],
+                f"**{forward['forward_per_s'] / forward['confirmed_per_s']:.2f}x**",
+            ]
+        )
+        rows.append(
+            [
+                "scheduler: forwarding tasks/s, the same (baseline: plain apply_async without "
+                "confirms)",
                 forward["forward_per_s"],
                 forward["plain_per_s"],
-                f"**{forward['forward_per_s'] / forward['plain_per_s']:.2f}x**",
+                f"{forward['forward_per_s'] / forward['plain_per_s']:.2f}x",
             ]
         )
         reread = [c for c in forward["statement_costs"] if c["label"].startswith("claim: re-read")]
