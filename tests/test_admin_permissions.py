@@ -15,7 +15,8 @@ from django.test import RequestFactory
 from django.urls import reverse
 from django.utils import timezone
 
-from django_celery_fulldbresult import SCHEDULED, admin_actions
+from django_celery_fulldbresult import SCHEDULED
+from django_celery_fulldbresult.admin import actions
 from django_celery_fulldbresult.db import writing_first
 from django_celery_fulldbresult.models import TaskResultMeta
 
@@ -24,7 +25,7 @@ from .test_admin import ACTIONS, HELD, client_for, grant, held_messages, make_ro
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-FUNCTIONS = {function.__name__: function for function in admin_actions.ACTIONS}
+FUNCTIONS = {function.__name__: function for function in actions.ACTIONS}
 
 
 @pytest.fixture(autouse=True)

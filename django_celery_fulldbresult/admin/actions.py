@@ -21,8 +21,8 @@ from django.utils.html import format_html
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext_lazy
 
-from . import audit, replay, scheduler, serialization
-from .states import FINAL_STATES, SCHEDULED
+from .. import audit, replay, scheduler, serialization
+from ..states import FINAL_STATES, SCHEDULED
 
 #: Rows one action may handle; a larger selection is refused before anything is read.
 ACTION_LIMIT = 10_000

@@ -1,58 +1,27 @@
-"""The task admin: a read-only changelist and detail page that stay fast at millions of rows.
-
-``TaskResultMetaAdmin`` is registered on the default admin site; register it
-(and ``CustomPeriodicTaskAdmin``) on your own site if you use one. With
-``DJANGO_CELERY_FULLDBRESULT_OVERRIDE_BEAT_ADMIN = True`` django-celery-beat's
-``PeriodicTask`` admin is replaced by ``CustomPeriodicTaskAdmin`` (Run now,
-links to results).
-"""
+"""The task admin: a read-only changelist and detail page that stay fast at millions of rows."""
 
 from __future__ import annotations
 
-import json
-from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
-from django.apps import apps
+from celery import current_app
 from django.contrib import admin
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.db.models import Q
-from django.http import Http404
 from django.urls import NoReverseMatch, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
-from . import admin_actions, admin_filters, beat, conf, secrecy, serialization
-from .admin_paginator import EstimatedCountPaginator
-from .models import TaskResultMeta
-from .states import (
-    FAILURE,
-    PENDING,
-    RECEIVED,
-    RETRY,
-    REVOKED,
-    SCHEDULED,
-    SCHEDULED_SENT,
-    STARTED,
-    SUCCESS,
-)
-
-#: Background colour of each state's badge; custom states get the neutral one.
-STATE_COLOURS = {
-    SUCCESS: "#2e7d32",
-    FAILURE: "#c62828",
-    REVOKED: "#6d4c41",
-    STARTED: "#1565c0",
-    RETRY: "#ef6c00",
-    PENDING: "#757575",
-    RECEIVED: "#546e7a",
-    SCHEDULED: "#6a1b9a",
-    SCHEDULED_SENT: "#8e24aa",
-}
-NEUTRAL_COLOUR = "#37474f"
+from .. import secrecy, serialization
+from ..models import TaskResultMeta
+from ..states import STARTED
+from . import dashboard, filters
+from .actions import ACTIONS
+from .display import child_ids, duration, pre, pretty_json, state_badge
+from .paginator import EstimatedCountPaginator
 
 #: Columns the changelist reads (no arguments, results or tracebacks).
 LIST_COLUMNS = (
@@ -66,58 +35,6 @@ LIST_COLUMNS = (
     "eta",
     "hostname",
 )
-
-
-def state_badge(status: str) -> str:
-    colour = STATE_COLOURS.get(status, NEUTRAL_COLOUR)
-    return format_html(
-        '<span class="fdr-state" style="background:{};color:#fff;padding:1px 6px;'
-        'border-radius:8px;font-weight:bold;white-space:nowrap">{}</span>',
-        colour,
-        status,
-    )
-
-
-def pretty_json(value: Any) -> str:
-    """Indented JSON in a <pre>, escaped (datetimes and other typed values as text)."""
-    if value is None:
-        return "-"
-    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
-    return format_html('<pre class="fdr-json" style="white-space:pre-wrap">{}</pre>', text)
-
-
-def pre(text: str | None) -> str:
-    if not text:
-        return "-"
-    return format_html('<pre class="fdr-text" style="white-space:pre-wrap">{}</pre>', text)
-
-
-def duration(start: datetime | None, end: datetime | None) -> str:
-    if start is None or end is None:
-        return "-"
-    seconds = (end - start).total_seconds()
-    if seconds < 60:
-        return f"{seconds:.3f} s"
-    return str(timedelta(seconds=round(seconds)))
-
-
-def child_ids(meta: dict | None) -> list[str]:
-    """Task ids of the children Celery recorded (result tuples; groups nest theirs)."""
-    ids: list[str] = []
-
-    def walk(node: Any) -> None:
-        if not isinstance(node, (list, tuple)) or len(node) != 2:
-            return
-        head, members = node
-        if members:  # a group: its members are the children
-            for member in members:
-                walk(member)
-        elif isinstance(head, (list, tuple)) and head and isinstance(head[0], str):
-            ids.append(head[0])
-
-    for child in (meta.get("children") if isinstance(meta, dict) else None) or ():
-        walk(child)
-    return ids
 
 
 class TaskChangeList(ChangeList):
@@ -144,11 +61,11 @@ class TaskResultMetaAdmin(admin.ModelAdmin):
         "hostname",
     )
     list_filter = (
-        admin_filters.StateFilter,
-        admin_filters.TaskNameFilter,
-        admin_filters.PeriodicTaskFilter,
-        admin_filters.SubmittedFilter,
-        admin_filters.StaleFilter,
+        filters.StateFilter,
+        filters.TaskNameFilter,
+        filters.PeriodicTaskFilter,
+        filters.SubmittedFilter,
+        filters.StaleFilter,
     )
     # See get_search_results: exact task id or name prefix, both indexed.
     search_fields = ("task_id", "task")
@@ -160,7 +77,7 @@ class TaskResultMetaAdmin(admin.ModelAdmin):
     if hasattr(admin, "ShowFacets"):  # Django 5.0+: a count per filter choice scans the table
         show_facets = admin.ShowFacets.NEVER
     paginator = EstimatedCountPaginator
-    actions = admin_actions.ACTIONS
+    actions = ACTIONS
     fieldsets = (
         (
             _("Task"),
@@ -245,8 +162,6 @@ class TaskResultMetaAdmin(admin.ModelAdmin):
     def get_celery_app(self) -> Any:
         if self.celery_app is not None:
             return self.celery_app
-        from celery import current_app
-
         return current_app._get_current_object()
 
     def get_changelist(self, request, **kwargs):
@@ -256,7 +171,7 @@ class TaskResultMetaAdmin(admin.ModelAdmin):
         # A state or stale filter: newest state change first, which the
         # (status, date_modified) and unfinished-rows indexes serve; by id the
         # database would walk the whole table for a rare state.
-        if any(request.GET.get(name) for name in admin_filters.BY_STATE_CHANGE):
+        if any(request.GET.get(name) for name in filters.BY_STATE_CHANGE):
             return ("-date_modified",)
         return self.ordering
 
@@ -421,11 +336,7 @@ class TaskResultMetaAdmin(admin.ModelAdmin):
     def dashboard_view(self, request):
         if not self.has_view_permission(request):
             raise PermissionDenied
-        try:
-            from .dashboard import dashboard_view
-        except ImportError as exc:  # the dashboard module is optional
-            raise Http404("the task dashboard is not installed") from exc
-        return dashboard_view(request, self)
+        return dashboard.dashboard_view(request, self)
 
     def changelist_view(self, request, extra_context=None):
         extra_context = {**(extra_context or {}), "dashboard_url": self.dashboard_url()}
@@ -439,23 +350,3 @@ class TaskResultMetaAdmin(admin.ModelAdmin):
             )
         except NoReverseMatch:
             return None
-
-
-def __getattr__(name: str) -> Any:
-    # CustomPeriodicTaskAdmin needs django-celery-beat: imported only when asked for.
-    if name == "CustomPeriodicTaskAdmin":
-        reason = beat.unavailable("CustomPeriodicTaskAdmin")
-        if reason:
-            raise ImportError(reason)
-        from .admin_beat import CustomPeriodicTaskAdmin
-
-        return CustomPeriodicTaskAdmin
-    raise AttributeError(name)
-
-
-admin.site.register(TaskResultMeta, TaskResultMetaAdmin)
-
-if conf.get("OVERRIDE_BEAT_ADMIN") and apps.is_installed("django_celery_beat"):
-    from .admin_beat import override_beat_admin
-
-    override_beat_admin(admin.site)

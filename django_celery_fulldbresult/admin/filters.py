@@ -15,7 +15,7 @@ from django.contrib import admin
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from .states import ALL_STATES
+from ..states import ALL_STATES
 
 #: (parameter value, label, seconds) of the "stale" filter.
 STALE_CHOICES = (

@@ -22,8 +22,8 @@ from django_celery_beat.admin import PeriodicTaskAdmin
 from django_celery_beat.models import PeriodicTask
 from kombu.utils.json import loads
 
-from . import admin_actions
-from .models import TaskResultMeta
+from ..models import TaskResultMeta
+from .actions import Line, confirmation, confirmed
 
 ROUTING_OPTIONS = ("queue", "exchange", "routing_key", "priority")
 
@@ -89,7 +89,7 @@ class CustomPeriodicTaskAdmin(PeriodicTaskAdmin):
         app = self.get_celery_app()
         app.loader.import_default_modules()
         tasks = list(queryset.order_by("name"))
-        if not admin_actions.confirmed(request):
+        if not confirmed(request):
             return self._confirm(request, tasks)
         sent = 0
         with app.producer_or_acquire() as producer:
@@ -140,8 +140,8 @@ class CustomPeriodicTaskAdmin(PeriodicTaskAdmin):
             else:
                 routing = ", ".join(f"{k}={v}" for k, v in options.items() if k != "headers")
                 text, ok = _("will be sent now (%(routing)s)") % {"routing": routing or "-"}, True
-            lines.append(admin_actions.Line(task.name, task.task, "", text, ok))
-        return admin_actions.confirmation(
+            lines.append(Line(task.name, task.task, "", text, ok))
+        return confirmation(
             self,
             request,
             action="run_now",

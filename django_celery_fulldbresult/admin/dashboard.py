@@ -20,8 +20,8 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from . import stats as stats_module
-from .states import FAILURE, SUCCESS
+from .. import stats as stats_module
+from ..states import FAILURE, SUCCESS
 
 TEMPLATE = "admin/django_celery_fulldbresult/taskresultmeta/dashboard.html"
 CHART_HOURS = 24
