@@ -176,7 +176,7 @@ def _runtime_sample(queryset: QuerySet, since: dt.datetime) -> tuple[dict, dict]
 def _scheduled(queryset: QuerySet) -> dict[str, Any]:
     due = Q(eta__lte=DatabaseNow())
     lateness = ExpressionWrapper(DatabaseNow() - F("eta"), output_field=DurationField())
-    # Only eta and status are read: an index-only scan (fdr_state_eta_idx on PostgreSQL).
+    # Only eta and status are read: an index-only scan (fdr_scheduled_eta_idx).
     figures = queryset.filter(status=SCHEDULED).aggregate(
         backlog=Count("*"),
         due=Count("eta", filter=due),
