@@ -47,7 +47,7 @@ BENCHMARKS = {
     "stores": ("stores.py", [], 900, ["--tasks", "500", "--repeat", "1", "--warmup", "50"]),
     "e2e": ("e2e.py", [], 1200, ["--tasks", "300", "--rounds", "1"]),
     "stale": ("stale_plan.py", [], 300, ["--repeat", "3"]),
-    "scheduler": ("scheduler.py", [], 600, ["--quick"]),
+    "scheduler": ("scheduler.py", [], 900, ["--quick"]),
     "stats": ("stats_bench.py", [], 300, ["--repeat", "3"]),
     "admin": ("admin.py", [], 420, ["--repeat", "3", "--no-dcr"]),
     "chords": ("chord_bench.py", [], 600, ["--quick"]),

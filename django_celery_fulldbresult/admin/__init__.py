@@ -27,8 +27,6 @@ from .. import beat, conf
 from ..models import TaskResultMeta
 from .task_result import TaskResultMetaAdmin
 
-__all__ = ["CustomPeriodicTaskAdmin", "TaskResultMetaAdmin"]
-
 
 def __getattr__(name: str) -> Any:
     # CustomPeriodicTaskAdmin needs django-celery-beat: imported only when asked for.
