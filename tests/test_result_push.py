@@ -146,6 +146,29 @@ def test_threads_waiting_at_once_each_return_promptly(celery_app):
     assert max(lags.values()) < PROMPT * 2, lags
 
 
+def test_a_thread_that_starts_waiting_during_anothers_drain_is_woken(celery_app):
+    """A thread whose backend is created while another thread drains (its consumer joins the
+    hub after that drain began) hears its notification. Before: the drain handed the
+    notifications to the consumers there when it began, the new one missed its task's, and
+    its get() returned only at the safety poll, 5 s later (CI rehearsal 37)."""
+    slow = tasks.sleep.delay(3)
+    holder = threading.Thread(target=slow.get, kwargs={"timeout": 20})
+    holder.start()
+    lags: dict[str, float] = {}
+
+    def late() -> None:  # a new thread: a new backend, joining the hub during the drain
+        lags["late"] = lag(tasks.sleep.delay(0.2))
+
+    try:
+        wait_for(lambda: consumer.hub().lock.locked(), timeout=5)
+        waiter = threading.Thread(target=late)
+        waiter.start()
+        waiter.join(30)
+    finally:
+        holder.join(30)
+    assert lags["late"] < PROMPT * 2, lags
+
+
 def test_a_waiter_is_not_kept_behind_the_thread_that_drains(celery_app):
     """A thread whose result is not there drains again as soon as a drain ends (Celery's
     loop, as fast as Python runs it). Another thread, whose result such a drain may have

@@ -173,7 +173,9 @@ class Hub:
         if listener is not None and not listened:
             self.next_poll = 0.0  # opened here: what was stored before is read now
         deadline = min(time.monotonic() + timeout, self.next_poll)
-        consumers = self.consumers()
+        # The consumers are read after each wait, not before: a thread's backend created
+        # during the wait joined the hub before its first read, so a notification that read
+        # missed comes after it joined, and reaches it.
         if listener is None:
             time.sleep(min(max(0.0, deadline - time.monotonic()), POLL_INTERVAL))
         else:
@@ -187,14 +189,14 @@ class Hub:
                     self.next_poll = 0.0
                     break
                 woken = False
-                for consumer in consumers:
+                for consumer in self.consumers():
                     woken = consumer.take(notices) or woken
                 if woken or time.monotonic() >= deadline:
                     break
         poll = self.listener is None or time.monotonic() >= self.next_poll
         if poll:
             self.next_poll = time.monotonic() + SAFETY_POLL
-        for consumer in consumers:
+        for consumer in self.consumers():
             consumer.hand_over(poll)
 
 
