@@ -83,7 +83,13 @@ def bench_env(
     """
     check_names(db_name, queue)
     env = dict(os.environ)
-    for name in ("FULLDB_TEST_DB", "FULLDB_BACKEND", "FULLDB_DB_REUSE_MAX", "FULLDB_SCHEDULE_ETA"):
+    for name in (
+        "FULLDB_TEST_DB",
+        "FULLDB_BACKEND",
+        "FULLDB_DB_REUSE_MAX",
+        "FULLDB_SCHEDULE_ETA",
+        "FULLDB_TRACK_STARTED",
+    ):
         env.pop(name, None)
     path = [str(REPO), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
     env.update(
@@ -544,14 +550,15 @@ def _proc_stat(pid: int) -> tuple[str, int, list[int]] | None:
 
 
 #: The groups of ``cpu_by_group``.
-CPU_GROUPS = ("worker main", "worker pool", "postgres", "rabbitmq", "publisher")
+CPU_GROUPS = ("worker main", "worker pool", "postgres", "rabbitmq", "redis", "publisher")
 
 
 def cpu_by_group(worker_pid: int | None) -> dict[str, float]:
     """CPU seconds used so far, by group: the worker's main process and its pool, ``postgres``
     (every server process, and what exited ones left to the postmaster), ``rabbitmq``,
-    ``publisher`` (this process: publishing and publish tracking). Differences of two
-    snapshots say where an interval's CPU went (Linux only; empty elsewhere)."""
+    ``redis`` (the server), ``publisher`` (this process: publishing and publish tracking).
+    Differences of two snapshots say where an interval's CPU went (Linux only; empty
+    elsewhere)."""
     if not Path("/proc/self/stat").exists():
         return {}
     ticks = os.sysconf("SC_CLK_TCK")
@@ -580,6 +587,8 @@ def cpu_by_group(worker_pid: int | None) -> dict[str, float]:
             groups["postgres"] += own + (cutime + cstime if postmaster else 0)
         elif name == "beam.smp":
             groups["rabbitmq"] += own
+        elif name == "redis-server":
+            groups["redis"] += own
         elif pid == os.getpid():
             groups["publisher"] += own
     return {group: value / ticks for group, value in groups.items()}

@@ -17,7 +17,11 @@ through ``django_tasks.CeleryBackend``, to Django's ``"default"`` queue, which i
 Celery app's default queue: ``bench``, the one the worker consumes) instead of the Celery
 task ``add``: the same worker setup, measured the same way; and the ceiling: the same worker
 running ``add`` with ``ignore_result=True`` and publish tracking off (no row at all; its end is
-seen in the worker's ``inspect stats`` totals).
+seen in the worker's ``inspect stats`` totals). Two more configurations say where the distance
+to the ceiling goes: ours with one write per task (publish tracking off and
+``CELERY_TASK_TRACK_STARTED`` off: only the final state is stored), and Celery's Redis result
+backend in the worker (``CELERY_RESULT_BACKEND=redis://127.0.0.1:6379/12``, the fastest store
+Celery ships), also storing only the final state; its end is seen as the ceiling's.
 
     python bench/e2e.py [--tasks 2000] [--rounds 3] [--json-out FILE]
 """
@@ -39,11 +43,13 @@ POLL_INTERVAL = 0.2
 WORKER_START_TIMEOUT = 90.0
 PIDFILE = Path(_common.VAR_DIR) / "e2e-worker.pid"
 NODE_PREFIX = "fulldb-bench-e2e"
+#: The Redis result backend's database (the wait benchmark has 11).
+REDIS_RESULTS = "redis://127.0.0.1:6379/12"
 
 
 @dataclass(frozen=True)
 class Config:
-    backend: str  # "ours" | "django-celery-results"
+    backend: str  # "ours" | "django-celery-results" | "redis"
     reuse_max: str  # "" (Celery's default) | "1000"
     #: ours only: the publisher writes a PENDING row per task (the testproject's setting).
     track_publish: bool = True
@@ -54,6 +60,13 @@ class Config:
     #: ``apply_async(..., ignore_result=True)``, publish tracking off: the worker writes no row,
     #: the ceiling a result backend can approach (done is counted by the worker's stats).
     ignore_result: bool = False
+    #: ``CELERY_TASK_TRACK_STARTED`` (the testproject's is on): a STARTED write per task.
+    track_started: bool = True
+
+    @property
+    def counted_by_worker(self) -> bool:
+        """No row to count: the worker's ``inspect stats`` totals say when it is done."""
+        return self.ignore_result or self.backend == "redis"
 
     @property
     def label(self) -> str:
@@ -67,18 +80,22 @@ class Config:
         django_task = ", Django @task (enqueue)" if self.django_task else ""
         if self.ignore_result:
             return f"no result writes (ignore_result=True, the ceiling), {reuse}"
+        if not self.track_started:
+            store = "Celery's Redis result backend" if self.backend == "redis" else "ours"
+            return f"{store}, {reuse}, one write per task (publish tracking, track_started off)"
         return f"{self.backend}, {reuse}{untracked}{run_once}{django_task}"
 
     @property
     def slug(self) -> str:
-        backend = "dcr" if self.backend == "django-celery-results" else "ours"
+        backend = {"django-celery-results": "dcr", "redis": "redis"}.get(self.backend, "ours")
         untracked = "" if self.track_publish else "-untracked"
         run_once = "-runonce" if self.run_once else ""
         django_task = "-djangotask" if self.django_task else ""
         ignored = "-ignoreresult" if self.ignore_result else ""
+        unstarted = "" if self.track_started else "-nostarted"
         return (
             f"{backend}-reuse{self.reuse_max or 'default'}{untracked}{run_once}{django_task}"
-            f"{ignored}"
+            f"{ignored}{unstarted}"
         )
 
     @property
@@ -87,6 +104,12 @@ class Config:
         env = {"FULLDB_BACKEND": backend, "FULLDB_DB_REUSE_MAX": self.reuse_max}
         if self.run_once:
             env["FULLDB_RUN_ONCE"] = "1"
+        if not self.track_started:
+            env["FULLDB_TRACK_STARTED"] = "0"
+        if self.backend == "redis":
+            # The worker's only: Celery reads it before the project's settings. The
+            # publisher keeps ours (a Redis backend there would subscribe to every task sent).
+            env["CELERY_RESULT_BACKEND"] = REDIS_RESULTS
         return env
 
 
@@ -101,6 +124,9 @@ CONFIGS = [
     Config("ours", "1000", django_task=True),
     # The ceiling: the same worker and tasks, nothing stored.
     Config("ours", "1000", track_publish=False, ignore_result=True),
+    # Toward the ceiling: one write per task (the final state), ours and Celery's Redis backend.
+    Config("ours", "1000", track_publish=False, track_started=False),
+    Config("redis", "1000", track_publish=False, track_started=False),
 ]
 #: --untracked: ours without publish tracking, to tell the backend's share from
 #: the publisher's (django-celery-results writes nothing at publish time).
@@ -132,6 +158,12 @@ def purge_queue(app) -> int:
         bound = queue(conn.default_channel)
         bound.declare()
         return bound.purge() or 0
+
+
+def flush_redis_results() -> None:
+    import redis
+
+    redis.Redis.from_url(REDIS_RESULTS).flushdb()
 
 
 def success_count(config: Config) -> int:
@@ -169,7 +201,7 @@ def wait_for(
     run ``expected`` tasks more than ``before``); return the monotonic time it was seen."""
     deadline = time.monotonic() + timeout
     while True:
-        done = processed(worker) - before if config.ignore_result else success_count(config)
+        done = processed(worker) - before if config.counted_by_worker else success_count(config)
         now = time.monotonic()
         if done >= expected:
             return now
@@ -215,6 +247,8 @@ def run_config(config: Config, tasks: int, rounds: int, timeout: float) -> dict:
     tables = (_common.TASK_TABLE, _common.DCR_TABLE)
     purged = purge_queue(app)
     _common.truncate(*tables)
+    if config.backend == "redis":
+        flush_redis_results()
     log_path = Path(_common.VAR_DIR) / f"e2e-worker-{config.slug}.log"
     worker = Worker(config, log_path)
     runs = []
@@ -231,7 +265,7 @@ def run_config(config: Config, tasks: int, rounds: int, timeout: float) -> dict:
         wait_for(config, worker, 20, WORKER_START_TIMEOUT)
         for _ in range(rounds):
             _common.truncate(*tables)
-            before = processed(worker) if config.ignore_result else 0
+            before = processed(worker) if config.counted_by_worker else 0
             cpu0 = _common.cpu_by_group(worker.proc.pid if worker.proc else None)
             wall0 = time.time()
             t0 = time.monotonic()
@@ -242,7 +276,7 @@ def run_config(config: Config, tasks: int, rounds: int, timeout: float) -> dict:
             published = time.monotonic()
             seen = wait_for(config, worker, tasks, timeout, before)
             cpu1 = _common.cpu_by_group(worker.proc.pid if worker.proc else None)
-            final = None if config.ignore_result else last_done(config)
+            final = None if config.counted_by_worker else last_done(config)
             elapsed = seen - t0
             precise = (final - wall0) if final else float("nan")
             runs.append(
@@ -273,6 +307,7 @@ def run_config(config: Config, tasks: int, rounds: int, timeout: float) -> dict:
         "run_once": config.run_once,
         "django_task": config.django_task,
         "ignore_result": config.ignore_result,
+        "track_started": config.track_started,
         "tasks_per_s": _common.median(r["tasks_per_s"] for r in runs),
         "tasks_per_s_last_done": _common.median(r["tasks_per_s_last_done"] for r in runs),
         "publish_seconds": _common.median(r["publish_seconds"] for r in runs),
@@ -335,11 +370,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     ratios = {}
     for r in results:
-        if r["backend"] == "ours" and not r["ignore_result"]:
+        if r["backend"] == "ours" and not r["ignore_result"] and r["reuse_max"] in dcr:
             ratio = r["tasks_per_s"] / dcr[r["reuse_max"]]["tasks_per_s"]
             key = r["reuse_max"] or "default"
             key = key if r["track_publish"] else f"{key}, untracked"
             key = f"{key}, run_once" if r["run_once"] else key
+            key = key if r.get("track_started", True) else f"{key}, one write"
             ratios[f"{key}, django_task" if r.get("django_task") else key] = ratio
             ratio_cell = f"**{ratio:.2f}x**"
         else:
@@ -402,6 +438,17 @@ def main(argv: list[str] | None = None) -> dict:
             f"{ceiling['tasks_per_s']:,.0f} tasks/s; goal >= 0.9); the ceiling's end is seen "
             "by polling the worker's `inspect stats` totals every 0.2 s"
         )
+    for slug, what in (
+        ("ours-reuse1000-untracked-nostarted", "ours storing only the final state"),
+        ("redis-reuse1000-untracked-nostarted", "Celery's Redis result backend, the same"),
+    ):
+        other = next((r for r in results if r["slug"] == slug), None)
+        if other and ceiling:
+            ratios[f"{slug} / ceiling"] = other["tasks_per_s"] / ceiling["tasks_per_s"]
+            section["notes"].append(
+                f"{what}: **{ratios[f'{slug} / ceiling']:.2f}** of the ceiling "
+                f"({other['tasks_per_s']:,.0f} tasks/s)"
+            )
     django_task = next((r for r in results if r["slug"] == "ours-reuse1000-djangotask"), None)
     if plain and django_task:
         ratios["django_task / plain"] = django_task["tasks_per_s"] / plain["tasks_per_s"]

@@ -8,7 +8,9 @@ run without the profiler) and the functions that take it.
   (batch 500, publisher confirms on), and plain ``apply_async`` of the same task.
 
 Compare the CPU per item with the wall time per item of the same loop: the difference is
-waiting (the database's or the broker's answer).
+waiting (the database's or the broker's answer). The CPU of every PostgreSQL server process
+in the same interval (``_common.cpu_by_group``, Linux) says how much of that wait is the
+server's work (parse, plan, execute, index entries, WAL) rather than its commit flush.
 
     python bench/profiles.py writes [--tasks 1000] [--top 25]
     python bench/profiles.py forwarding [--rows 20000] [--top 25]
@@ -42,15 +44,19 @@ def measure(
     clean: Callable[[], object] = lambda: None,
 ) -> None:
     """``run`` once timed, once profiled (each between ``prepare`` and ``clean``, which are
-    neither timed nor profiled); per item: wall, this process's CPU."""
+    neither timed nor profiled); per item: wall, this process's CPU, the database server's
+    CPU."""
     prepare()
+    server = _common.cpu_by_group(None).get("postgres", 0.0)
     cpu, wall = time.process_time(), time.perf_counter()
     run()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    server = _common.cpu_by_group(None).get("postgres", 0.0) - server
     clean()
     print(
         f"== {label}: {count / wall:,.0f}/s; per item {wall / count * 1e6:,.0f} us wall, "
-        f"{cpu / count * 1e6:,.0f} us CPU in this process"
+        f"{cpu / count * 1e6:,.0f} us CPU in this process, "
+        f"{server / count * 1e6:,.0f} us CPU in PostgreSQL's server processes"
     )
     prepare()
     profiler = cProfile.Profile()

@@ -224,6 +224,26 @@ def headline(results: dict[str, dict]) -> str:
                     ceiling["tasks_per_s"],
                 )
             )
+        for slug, label in (
+            (
+                "ours-reuse1000-untracked-nostarted",
+                "ours storing only the final state (one "
+                "write per task: publish tracking and track_started off)",
+            ),
+            (
+                "redis-reuse1000-untracked-nostarted",
+                "Celery's Redis result backend in the worker, one write per task",
+            ),
+        ):
+            other = next((c for c in e2e["configs"] if c["slug"] == slug), None)
+            if other and ceiling:
+                rows.append(
+                    anchored(
+                        f"end-to-end tasks/s, DB_REUSE_MAX=1000, {label} (anchor: the ceiling)",
+                        other["tasks_per_s"],
+                        ceiling["tasks_per_s"],
+                    )
+                )
         django_task = next((c for c in e2e["configs"] if c.get("django_task")), None)
         if django_task and plain:
             rows.append(

@@ -169,7 +169,8 @@ if os.environ.get("FULLDB_BACKEND", "fulldb") == "django-db":
     CELERY_RESULT_EXTENDED = True
 else:
     CELERY_RESULT_BACKEND = "django_celery_fulldbresult.result_backends:DatabaseResultBackend"
-CELERY_TASK_TRACK_STARTED = True
+# FULLDB_TRACK_STARTED=0: no STARTED write (benchmarks: one write per task).
+CELERY_TASK_TRACK_STARTED = os.environ.get("FULLDB_TRACK_STARTED", "1") == "1"
 CELERY_RESULT_EXPIRES = timedelta(days=1)
 CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
 CELERY_RESULT_BACKEND_MAX_RETRIES = 30
