@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
 
-TARGET_MS = 50.0
+#: Issue 17's goal for the stale query at ~78k stale rows.
+TARGET_MS = 20.0
 HEARTBEAT_TABLE = "django_celery_fulldbresult_workerheartbeat"
 #: worker1..worker8 run the STARTED rows; worker1 and worker2 send heartbeats.
 LIVE_WORKERS = ("worker1@bench", "worker2@bench")
