@@ -10,7 +10,10 @@ run without the profiler) and the functions that take it.
 Compare the CPU per item with the wall time per item of the same loop: the difference is
 waiting (the database's or the broker's answer). The CPU of every PostgreSQL server process
 in the same interval (``_common.cpu_by_group``, Linux) says how much of that wait is the
-server's work (parse, plan, execute, index entries, WAL) rather than its commit flush.
+server's work (parse, plan, execute, index entries, WAL) rather than its commit flush. A
+third run, profiled on the CPU clock, shares this process's CPU out by package (the package,
+Django, psycopg, Celery, ...): the profiler's own cost per call inflates call-heavy code, so
+read the shares rather than the microseconds.
 
     python bench/profiles.py writes [--tasks 1000] [--top 25]
     python bench/profiles.py forwarding [--rows 20000] [--top 25]
@@ -67,6 +70,45 @@ def measure(
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(top)
     print(out.getvalue())
+    prepare()
+    profiler = cProfile.Profile(time.process_time)
+    profiler.enable()
+    run()
+    profiler.disable()
+    clean()
+    by_package(label, profiler, count)
+
+
+#: Where a function's file lies -> the package it is counted in (first match wins).
+PACKAGES = (
+    ("/django_celery_fulldbresult/", "django-celery-fulldbresult"),
+    ("/psycopg", "psycopg"),
+    ("/django/", "django"),
+    ("/asgiref/", "django"),  # its connections' thread locals
+    ("/celery/", "celery"),
+    ("/kombu/", "kombu"),
+    ("/amqp/", "amqp"),
+    ("/bench/", "this benchmark's loop"),
+)
+
+
+def by_package(label: str, profiler: cProfile.Profile, count: int) -> None:
+    """This process's CPU (own time of each function, on the CPU clock) by package."""
+    shares: dict[str, float] = {}
+    for (path, _line, _name), (_cc, _nc, own, _cum, _callers) in pstats.Stats(
+        profiler
+    ).stats.items():  # type: ignore[attr-defined]
+        package = next((name for key, name in PACKAGES if key in path), None)
+        if package is None:
+            package = "builtins (C)" if path == "~" else "standard library, other"
+        shares[package] = shares.get(package, 0.0) + own
+    total = sum(shares.values()) or 1.0
+    print(f"== {label}: CPU by package (profiled on the CPU clock)")
+    for package, own in sorted(shares.items(), key=lambda item: -item[1]):
+        print(
+            f"   {package:30s} {own / total:6.1%}  ({own / count * 1e6:,.0f} us per item profiled)"
+        )
+    print()
 
 
 def writes(args: argparse.Namespace) -> None:

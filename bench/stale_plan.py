@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command_ms": command_ms,
         "command_rows": command_rows,
         "index_used": bool(ok),
+        "target_ms": TARGET_MS,
         "target_met": verdict_ms < TARGET_MS,
     }
     _common.finish("stale_plan", result, args.json_out)
