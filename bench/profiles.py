@@ -46,9 +46,9 @@ def measure(
     prepare: Callable[[], object] = lambda: None,
     clean: Callable[[], object] = lambda: None,
 ) -> None:
-    """``run`` once timed, once profiled (each between ``prepare`` and ``clean``, which are
-    neither timed nor profiled); per item: wall, this process's CPU, the database server's
-    CPU."""
+    """``run`` once timed, then profiled on the wall clock and on the CPU clock (each run
+    between ``prepare`` and ``clean``, which are neither timed nor profiled); per item: wall,
+    this process's CPU, the database server's CPU."""
     prepare()
     server = _common.cpu_by_group(None).get("postgres", 0.0)
     cpu, wall = time.process_time(), time.perf_counter()
@@ -61,22 +61,26 @@ def measure(
         f"{cpu / count * 1e6:,.0f} us CPU in this process, "
         f"{server / count * 1e6:,.0f} us CPU in PostgreSQL's server processes"
     )
-    prepare()
-    profiler = cProfile.Profile()
-    profiler.enable()
-    run()
-    profiler.disable()
-    clean()
     out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(top)
+    profiled = profile(run, prepare, clean, cProfile.Profile())
+    pstats.Stats(profiled, stream=out).sort_stats("cumulative").print_stats(top)
     print(out.getvalue())
+    by_package(label, profile(run, prepare, clean, cProfile.Profile(time.process_time)), count)
+
+
+def profile(
+    run: Callable[[], object],
+    prepare: Callable[[], object],
+    clean: Callable[[], object],
+    profiler: cProfile.Profile,
+) -> cProfile.Profile:
+    """``run`` under ``profiler``, between ``prepare`` and ``clean`` (neither profiled)."""
     prepare()
-    profiler = cProfile.Profile(time.process_time)
     profiler.enable()
     run()
     profiler.disable()
     clean()
-    by_package(label, profiler, count)
+    return profiler
 
 
 #: Where a function's file lies -> the package it is counted in (first match wins).
