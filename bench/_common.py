@@ -89,6 +89,9 @@ def bench_env(
         "FULLDB_DB_REUSE_MAX",
         "FULLDB_SCHEDULE_ETA",
         "FULLDB_TRACK_STARTED",
+        # Celery reads it before the project's settings (celery.app.utils.Settings): one
+        # inherited from the shell would replace the backend a benchmark measures.
+        "CELERY_RESULT_BACKEND",
     ):
         env.pop(name, None)
     path = [str(REPO), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
@@ -148,6 +151,18 @@ def setup(
         from django.core.management import call_command
 
         call_command("migrate", verbosity=0, interactive=False)
+
+
+def set_setting(name: str, value: Any) -> None:
+    """Set ``DJANGO_CELERY_FULLDBRESULT_<name>`` for the rest of this process, as
+    ``override_settings`` would: the package reads its settings once until Django's
+    ``setting_changed`` says one changed (``django_celery_fulldbresult.conf``)."""
+    from django.conf import settings
+    from django.core.signals import setting_changed
+
+    setting = "DJANGO_CELERY_FULLDBRESULT_" + name
+    setattr(settings, setting, value)
+    setting_changed.send(sender=type(settings), setting=setting, value=value, enter=True)
 
 
 def truncate(*tables: str, using: str = "default") -> None:

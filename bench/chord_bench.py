@@ -331,7 +331,6 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict:
         FULLDB_BACKEND=BACKENDS[backend],
         FULLDB_DB_REUSE_MAX="1000",
     )
-    from django.conf import settings
 
     from testproject.celery_app import app
 
@@ -339,7 +338,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict:
     # ours; django-celery-results has nothing like it, so its publisher does not pay for it.
     # --untracked: ours without it, to tell the backend's share from the publisher's.
     track_publish = backend == "ours" and not args.untracked
-    settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = track_publish
+    _common.set_setting("TRACK_PUBLISH", track_publish)
     install_counter()
     _common.reap_leftover_worker(PIDFILE, NODE_PREFIX)
     purged = purge_queue(app)

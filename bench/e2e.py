@@ -232,7 +232,6 @@ def enqueue(job, count: int, offset: int = 0) -> None:
 
 
 def run_config(config: Config, tasks: int, rounds: int, timeout: float) -> dict:
-    from django.conf import settings
 
     from testproject.celery_app import app
     from testproject.demo import jobs
@@ -241,9 +240,7 @@ def run_config(config: Config, tasks: int, rounds: int, timeout: float) -> dict:
     # Publish tracking (a PENDING row per sent task, written by the publisher)
     # is part of ours; django-celery-results has nothing like it, so the
     # publisher does not pay for it there.
-    settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = (
-        config.backend == "ours" and config.track_publish
-    )
+    _common.set_setting("TRACK_PUBLISH", config.backend == "ours" and config.track_publish)
     tables = (_common.TASK_TABLE, _common.DCR_TABLE)
     purged = purge_queue(app)
     _common.truncate(*tables)
@@ -297,7 +294,7 @@ def run_config(config: Config, tasks: int, rounds: int, timeout: float) -> dict:
             )
     finally:
         code = worker.stop()
-        settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = True
+        _common.set_setting("TRACK_PUBLISH", True)
     return {
         "label": config.label,
         "slug": config.slug,

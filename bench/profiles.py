@@ -146,10 +146,9 @@ def forwarding(args: argparse.Namespace) -> None:
     import scheduler as bench
 
     bench.setup()
-    from django.conf import settings
 
     # As bench/scheduler.py: this process publishes no PENDING rows (plain apply_async).
-    settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = False
+    _common.set_setting("TRACK_PUBLISH", False)
     from django_celery_fulldbresult import scheduler
     from testproject.celery_app import app
     from testproject.demo.tasks import add

@@ -86,16 +86,15 @@ def django_rows(ids: list[str]) -> tuple[int, int]:
 
 
 def one_loop(app, add, job, tasks: int, mode: str) -> dict[str, float]:
-    from django.conf import settings
     from django.db import connection, transaction
 
     from django_celery_fulldbresult import SCHEDULED_SENT, publish, scheduler
     from django_celery_fulldbresult.models import TaskResultMeta
 
     tracked, transactional, per_transaction = MODES[mode]
-    settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = tracked
-    settings.DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA = transactional
-    settings.DJANGO_CELERY_FULLDBRESULT_TRANSACTIONAL_PUBLISH = transactional
+    _common.set_setting("TRACK_PUBLISH", tracked)
+    _common.set_setting("SCHEDULE_ETA", transactional)
+    _common.set_setting("TRANSACTIONAL_PUBLISH", transactional)
     if transactional:
         scheduler.install(app)
     else:

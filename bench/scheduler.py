@@ -473,7 +473,7 @@ def publisher_role(args: argparse.Namespace) -> None:
     from testproject.demo.tasks import add
 
     # The publisher writes no PENDING rows: only the scheduler's SCHEDULED rows count.
-    settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = False
+    _common.set_setting("TRACK_PUBLISH", False)
     rng = random.Random(args.seed * 1_000_003 + args.first)
     started = time.perf_counter()
     with app.producer_or_acquire() as producer:
@@ -1451,12 +1451,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         os.environ.pop(name, None)
     setup()
     reap_leftovers()
-    from django.conf import settings
 
     from testproject.celery_app import app
 
     # This process publishes no PENDING rows (the warm-up and the plain apply_async).
-    settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = False
+    _common.set_setting("TRACK_PUBLISH", False)
     results: dict[str, dict] = {}
     sections = []
     try:

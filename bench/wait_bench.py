@@ -112,7 +112,6 @@ def timed_sleep(seconds: float) -> dict[str, float]:
 def mode_env(mode: str) -> dict[str, str]:
     """The environment of a mode's child and of its worker (which imports this module)."""
     env = _common.bench_env(DB_NAME, QUEUE, str(VAR_DIR), FULLDB_BACKEND="fulldb")
-    env.pop("CELERY_RESULT_BACKEND", None)
     if mode == "redis":
         # Celery reads it before the project's settings (celery.app.utils.Settings).
         env["CELERY_RESULT_BACKEND"] = REDIS_URL
@@ -332,14 +331,13 @@ def kind(statement: str) -> str:
 def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     """In the child process of ``mode``: worker, lags, statements."""
     _common.setup(DB_NAME, migrate=False, queue=QUEUE, var_dir=str(VAR_DIR))
-    from django.conf import settings
 
     from testproject.celery_app import app
 
-    settings.DJANGO_CELERY_FULLDBRESULT_RESULT_PUSH = mode != "poll"
+    _common.set_setting("RESULT_PUSH", mode != "poll")
     # Publish tracking (a PENDING row per task, written behind by a thread) is the
     # testproject's setting for ours; with the Redis backend nothing is tracked.
-    settings.DJANGO_CELERY_FULLDBRESULT_TRACK_PUBLISH = mode != "redis"
+    _common.set_setting("TRACK_PUBLISH", mode != "redis")
     backend = app.backend
     expected = "RedisBackend" if mode == "redis" else "DatabaseResultBackend"
     if type(backend).__name__ != expected:

@@ -1,14 +1,23 @@
-"""The package's settings, read from Django settings on every access.
+"""The package's settings, read from Django settings at first use.
 
-Every setting is ``DJANGO_CELERY_FULLDBRESULT_<NAME>``; reading them through
-this module (and never at import time) keeps ``override_settings`` working.
+Every setting is ``DJANGO_CELERY_FULLDBRESULT_<NAME>``. A value is read once and then kept
+until Django's ``setting_changed`` signal says one of them changed (``override_settings``,
+``modify_settings``, pytest-django's ``settings`` fixture), as Django caches settings-derived
+values of its own: every task write reads several, and Django answers a setting a project
+leaves unset through an ``AttributeError``. Reading them through this module (and never at
+import time) keeps those working. Assigning to ``django.conf.settings`` at run time is not
+supported by Django and is not seen here; nor is ``del settings.X`` inside
+``override_settings()``, which sends no signal: a test simulates an unset setting with
+``override_settings(X=None)`` (``None`` means the default).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from django.conf import settings
+from django.core.signals import setting_changed
 
 PREFIX = "DJANGO_CELERY_FULLDBRESULT_"
 
@@ -108,16 +117,49 @@ DEFAULTS: dict[str, Any] = {
 ALIASES = {"OVERRIDE_DJCELERY_ADMIN": "OVERRIDE_BEAT_ADMIN"}
 
 
+_read: dict[str, Any] = {}
+_read_lock = threading.Lock()
+#: Bumped by every ``forget``: a value read before it is not kept after it.
+_generation = 0
+
+
 def get(name: str) -> Any:
     """Return the setting ``DJANGO_CELERY_FULLDBRESULT_<name>`` or its default."""
+    try:
+        return _read[name]
+    except KeyError:
+        pass
     if name not in DEFAULTS:
         raise KeyError(f"unknown django-celery-fulldbresult setting {name!r}")
+    generation = _generation
+    value = _from_settings(name)
+    with _read_lock:
+        if generation == _generation:
+            _read[name] = value
+    return value
+
+
+def _from_settings(name: str) -> Any:
     value = getattr(settings, PREFIX + name, None)
     if value is None:
         for old, new in ALIASES.items():
             if new == name:
                 value = getattr(settings, PREFIX + old, None)
     return DEFAULTS[name] if value is None else value
+
+
+def forget(**kwargs: Any) -> None:
+    """Read every setting again at its next use (``setting_changed``'s receiver)."""
+    global _generation
+    setting = kwargs.get("setting")
+    if setting is not None and not setting.startswith(PREFIX):
+        return
+    with _read_lock:
+        _generation += 1
+        _read.clear()
+
+
+setting_changed.connect(forget, dispatch_uid="django_celery_fulldbresult.conf.forget")
 
 
 def track_publish() -> bool:

@@ -528,24 +528,37 @@ def _row_params(model, connection, columns: Sequence[str], values: Mapping[str, 
     """One row's parameters for ``_insert_sql``, field defaults where ``values`` has none
     (``_prep`` of ``_insert_value``, with each column's field looked up once per process)."""
     params = []
-    for column, field, prepares in _column_fields(model, tuple(columns)):
+    for column, field, prepares, text in _column_fields(model, tuple(columns)):
         value = values.get(column)
         if value is None:
             if field.null:
                 params.append(None)
                 continue
             value = field.get_default()
-        if prepares and value is not None:
+        if prepares and value is not None and not (text and type(value) is str):
             value = field.get_db_prep_value(value, connection, prepared=False)
         params.append(value)
     return params
 
 
+#: Fields whose ``get_db_prep_value`` returns a ``str`` as it is, on every vendor.
+_TEXT_FIELDS = frozenset({"CharField", "TextField"})
+
+
 @functools.lru_cache(maxsize=256)
-def _column_fields(model, columns: tuple[str, ...]) -> list[tuple[str, Any, bool]]:
-    """(column, field, whether its value needs ``get_db_prep_value``: JSON columns arrive
-    as encoded text) for each column."""
-    return [(c, model._meta.get_field(c), c not in JSON_COLUMNS) for c in columns]
+def _column_fields(model, columns: tuple[str, ...]) -> list[tuple[str, Any, bool, bool]]:
+    """(column, field, whether its value needs ``get_db_prep_value``, whether it is a text
+    column, whose ``str`` values need none) for each column. JSON columns arrive as encoded
+    text: no ``get_db_prep_value``."""
+    return [
+        (
+            column,
+            field := model._meta.get_field(column),
+            column not in JSON_COLUMNS,
+            field.get_internal_type() in _TEXT_FIELDS,
+        )
+        for column in columns
+    ]
 
 
 def _insert_sql(model, connection, columns: Sequence[str]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -90,15 +91,17 @@ def serializer_of(app: Any, task: Any = None, chosen: str | None = None) -> str:
     return chosen or getattr(task, "serializer", None) or app.conf.task_serializer
 
 
-def _storing_serializers(app: Any, task: Any, chosen: str | None) -> list[str]:
+def _storing_serializers(app: Any, task: Any, chosen: str | None) -> Iterator[str]:
     """The message's serializer (as far as it is known here), then every serializer the app
-    accepts: a call is never stored with one the app would refuse to read."""
+    accepts: a call is never stored with one the app would refuse to read. Lazily: the app's
+    settings are read only when the first one cannot encode the call."""
     names = [serializer_of(app, task, chosen)]
+    yield names[0]
     for accepted in app.conf.accept_content or ():
         name = serializer_registry.type_to_name.get(accepted, accepted)
         if name not in names:
             names.append(name)
-    return names
+            yield name
 
 
 def call_columns(
@@ -117,7 +120,7 @@ def call_columns(
     (whose reprs the caller has already made safe, ``secrecy``).
 
     ``serializer``: the message's (default: the task's, else the app's); arguments the JSON
-    columns cannot hold are packed with it (``serialization.encode_call``).
+    columns cannot hold are packed with it (``serialization.encode_packed``).
     """
     if secret:
         return {
@@ -129,10 +132,11 @@ def call_columns(
     encrypt = encryption.applies_to(task_name)
     if encrypt:  # the message's reprs show the arguments: not kept beside the sealed call
         argsrepr, kwargsrepr = secrecy.hidden_repr(args), secrecy.hidden_repr(kwargs)
-    encoded = None
-    for name in _storing_serializers(app, task, serializer):
+    # Most calls fit the JSON columns: no serializer is looked up for them.
+    encoded = None if encrypt else serialization.encode_call_json(args, kwargs)
+    for name in () if encoded is not None else _storing_serializers(app, task, serializer):
         try:
-            encoded = serialization.encode_call(args, kwargs, name, encrypt=encrypt)
+            encoded = serialization.encode_packed(args, kwargs, name, encrypt=encrypt)
             break
         except Exception:  # noqa: BLE001, S112 - the next serializer the app accepts
             continue

@@ -150,22 +150,24 @@ class EncodedCall:
     packed_content_type: str | None = None
 
 
-def encode_call(args: Any, kwargs: Any, serializer: str, encrypt: bool = False) -> EncodedCall:
-    """Encode args/kwargs for storage.
+def encode_call_json(args: Any, kwargs: Any) -> EncodedCall | None:
+    """args/kwargs as the JSON columns hold them; None when those cannot (JSON messages can
+    carry NaN, Infinity and strings with NUL, which the JSON columns cannot hold). The caller
+    then packs them (``encode_packed``) with the serializer the task message uses: what the
+    message carried, the row holds, and no serializer the app did not choose is introduced."""
+    args_text = json_text_or_none(list(args or ()))
+    kwargs_text = json_text_or_none(dict(kwargs or {}))
+    if args_text is None or kwargs_text is None:
+        return None
+    return EncodedCall(args_text, kwargs_text)
 
-    JSON columns when they can hold them; otherwise packed with ``serializer``, the one
-    the task message uses: what the message carried, the row holds, and no serializer the
-    app did not choose is ever introduced. (JSON messages can carry NaN, Infinity and
-    strings with NUL, which the JSON columns cannot hold: those are packed as JSON text.)
-    Raises kombu's ``EncodeError`` when ``serializer`` cannot encode them either.
-    """
-    args = list(args or ())
-    kwargs = dict(kwargs or {})
-    if not encrypt:
-        args_text, kwargs_text = json_text_or_none(args), json_text_or_none(kwargs)
-        if args_text is not None and kwargs_text is not None:
-            return EncodedCall(args_text, kwargs_text)
-    content_type, _encoding, payload = kombu_dumps([args, kwargs], serializer=serializer)
+
+def encode_packed(args: Any, kwargs: Any, serializer: str, encrypt: bool = False) -> EncodedCall:
+    """args/kwargs as one payload of ``serializer`` (sealed when ``encrypt``). Raises kombu's
+    ``EncodeError`` when ``serializer`` cannot encode them."""
+    content_type, _encoding, payload = kombu_dumps(
+        [list(args or ()), dict(kwargs or {})], serializer=serializer
+    )
     if isinstance(payload, str):
         payload = payload.encode("utf-8")
     if encrypt:  # ``encryption``: one encrypted payload, nothing readable in the row

@@ -123,14 +123,16 @@ import os, sys
 import django
 django.setup()
 from celery import current_app
-from django.conf import settings
 from django.db import transaction
+from django.test import override_settings
 from django_celery_fulldbresult import scheduler
 from testproject.demo import tasks
 
-settings.DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA = True
-settings.DJANGO_CELERY_FULLDBRESULT_TRANSACTIONAL_PUBLISH = True
-settings.DJANGO_CELERY_FULLDBRESULT_TRANSACTIONAL_PUBLISH_GRACE = float(sys.argv[2])
+override_settings(
+    DJANGO_CELERY_FULLDBRESULT_SCHEDULE_ETA=True,
+    DJANGO_CELERY_FULLDBRESULT_TRANSACTIONAL_PUBLISH=True,
+    DJANGO_CELERY_FULLDBRESULT_TRANSACTIONAL_PUBLISH_GRACE=float(sys.argv[2]),
+).enable()
 scheduler.install(current_app)
 with transaction.atomic():
     # Registered first, run first after the commit: the process dies before our hook.
