@@ -154,15 +154,12 @@ def setup(
 
 
 def set_setting(name: str, value: Any) -> None:
-    """Set ``DJANGO_CELERY_FULLDBRESULT_<name>`` for the rest of this process, as
-    ``override_settings`` would: the package reads its settings once until Django's
+    """Set ``DJANGO_CELERY_FULLDBRESULT_<name>`` for the rest of this process through
+    ``override_settings`` (never undone): the package reads its settings once until Django's
     ``setting_changed`` says one changed (``django_celery_fulldbresult.conf``)."""
-    from django.conf import settings
-    from django.core.signals import setting_changed
+    from django.test import override_settings
 
-    setting = "DJANGO_CELERY_FULLDBRESULT_" + name
-    setattr(settings, setting, value)
-    setting_changed.send(sender=type(settings), setting=setting, value=value, enter=True)
+    override_settings(**{"DJANGO_CELERY_FULLDBRESULT_" + name: value}).enable()
 
 
 def truncate(*tables: str, using: str = "default") -> None:

@@ -331,8 +331,8 @@ def kind(statement: str) -> str:
 def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     """In the child process of ``mode``: worker, lags, statements."""
     # setup() drops an inherited CELERY_RESULT_BACKEND: the mode's own is passed on.
-    backend = {"CELERY_RESULT_BACKEND": REDIS_URL} if mode == "redis" else {}
-    _common.setup(DB_NAME, migrate=False, queue=QUEUE, var_dir=str(VAR_DIR), **backend)
+    redis_env = {"CELERY_RESULT_BACKEND": REDIS_URL} if mode == "redis" else {}
+    _common.setup(DB_NAME, migrate=False, queue=QUEUE, var_dir=str(VAR_DIR), **redis_env)
 
     from testproject.celery_app import app
 

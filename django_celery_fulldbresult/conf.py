@@ -148,11 +148,10 @@ def _from_settings(name: str) -> Any:
     return DEFAULTS[name] if value is None else value
 
 
-def forget(**kwargs: Any) -> None:
+def forget(*, setting: str, **kwargs: Any) -> None:
     """Read every setting again at its next use (``setting_changed``'s receiver)."""
     global _generation
-    setting = kwargs.get("setting")
-    if setting is not None and not setting.startswith(PREFIX):
+    if not setting.startswith(PREFIX):
         return
     with _read_lock:
         _generation += 1
