@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError
 from django.db.models import (
     Case,
     Count,
@@ -52,6 +52,7 @@ from django.db.models import (
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
+from . import db
 from .models import StatsHour, StatsHourCount, StatsHourRunTimes
 from .states import FAILURE, FINAL_STATES, SUCCESS
 
@@ -247,8 +248,13 @@ def read(
     if missing:
         try:
             counted = seal(queryset, missing, now)
-        except DatabaseError:
-            logger.warning("stats: could not seal %d hours; reading the rows", len(missing))
+        except DatabaseError as exc:
+            logger.warning(
+                "stats: could not seal %d hours (%s: %s); reading the rows",
+                len(missing),
+                type(exc).__name__,
+                exc,
+            )
             return None
         for row in counted:
             rollup.count(row.hour_id, row.task, row.status, row.count)
@@ -303,7 +309,10 @@ def seal(
                 )
             ran.runs += n
     using = queryset.db
-    with transaction.atomic(using=using):
+    # The delete reads the aged hours before it deletes them and their counts: on SQLite the
+    # transaction takes the write lock first (docs/design.md, "SQLite: transactions write
+    # first"), else a worker's commit in between made it fail.
+    with db.writing_first(using):
         StatsHour.objects.using(using).aged(now - KEEP).delete()
         StatsHour.objects.using(using).bulk_create(
             [StatsHour(hour=hour, sealed_at=now) for hour in hours], ignore_conflicts=True

@@ -32,7 +32,7 @@ from django_celery_fulldbresult.models import (
 )
 from testproject.demo import tasks
 
-from .conftest import STACK
+from .conftest import STACK, a_worker_commits_after_reads
 from .test_stats import ADD, FAIL, STATS_STATEMENTS, _user
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -259,6 +259,19 @@ def test_rollups_without_time_zones(settings):
     assert timezone.is_naive(sealed.hour) and sealed.hour == rollups.hour_of(now - 3 * HOUR)
     chart = stats.hourly(TaskResultMeta.objects.all(), 24)
     assert [(b["SUCCESS"], b["FAILURE"]) for b in chart if b["SUCCESS"]] == [(6, 2)]
+
+
+def test_hours_are_sealed_while_a_worker_commits(history, caplog):
+    """A worker storing a result while stats() seals does not keep the hours from being
+    sealed (on SQLite the sealing transaction takes the write lock before it reads: a
+    deferred one that read first was refused at once, and stats() read the rows again)."""
+    with a_worker_commits_after_reads("default", StatsHour._meta.db_table) as stored:
+        figures = TaskResultMeta.objects.stats()
+    assert stored, "no worker committed during the stats() read"
+    assert "could not seal" not in caplog.text
+    assert figures["states"] == {"SUCCESS": 6 + len(stored), "FAILURE": 2}
+    counted = {(c.task, c.status): c.count for c in StatsHourCount.objects.all()}
+    assert counted == {(ADD, states.SUCCESS): 5, (FAIL, states.FAILURE): 2}
 
 
 def test_two_readers_sealing_at_once_agree(history):
