@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import uuid
 from collections import Counter
@@ -272,6 +273,34 @@ def test_hours_are_sealed_while_a_worker_commits(history, caplog):
     assert figures["states"] == {"SUCCESS": 6 + len(stored), "FAILURE": 2}
     counted = {(c.task, c.status): c.count for c in StatsHourCount.objects.all()}
     assert counted == {(ADD, states.SUCCESS): 5, (FAIL, states.FAILURE): 2}
+
+
+#: This session refuses writes, and takes them again (a read-only replica), per vendor.
+READ_ONLY = {
+    "postgresql": ("SET default_transaction_read_only = on", "RESET default_transaction_read_only"),
+    "mysql": ("SET SESSION TRANSACTION READ ONLY", "SET SESSION TRANSACTION READ WRITE"),
+    "sqlite": ("PRAGMA query_only = ON", "PRAGMA query_only = OFF"),
+}
+
+
+def test_a_database_that_refuses_writes_is_read_row_by_row(history, caplog):
+    """stats() on a database that refuses the sealing (a read-only replica): the figures come
+    from the rows, nothing is sealed, and the warning names the database's error."""
+    refuse, accept = READ_ONLY[connection.vendor]
+    with connection.cursor() as cursor:
+        cursor.execute(refuse)
+    try:
+        figures = TaskResultMeta.objects.stats()
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(accept)
+    assert figures["states"] == {"SUCCESS": 6, "FAILURE": 2}
+    assert not StatsHour.objects.exists()
+    assert re.search(
+        r"stats: could not seal \d+ hours \(\w+Error: .+\); reading the rows", caplog.text
+    ), caplog.text
+    TaskResultMeta.objects.stats()  # writable again: the next read seals
+    assert StatsHour.objects.exists()
 
 
 def test_two_readers_sealing_at_once_agree(history):
