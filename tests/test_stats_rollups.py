@@ -283,14 +283,22 @@ READ_ONLY = {
 }
 
 
-def test_a_database_that_refuses_writes_is_read_row_by_row(history, caplog):
+@pytest.mark.parametrize("in_atomic", [False, True], ids=["autocommit", "in_atomic"])
+def test_a_database_that_refuses_writes_is_read_row_by_row(history, caplog, in_atomic):
     """stats() on a database that refuses the sealing (a read-only replica): the figures come
-    from the rows, nothing is sealed, and the warning names the database's error."""
+    from the rows, nothing is sealed, and the warning names the database's error. Inside the
+    caller's atomic() the refused sealing is rolled back alone: the caller's transaction
+    goes on."""
     refuse, accept = READ_ONLY[connection.vendor]
     with connection.cursor() as cursor:
         cursor.execute(refuse)
     try:
-        figures = TaskResultMeta.objects.stats()
+        if in_atomic:
+            with transaction.atomic():
+                figures = TaskResultMeta.objects.stats()
+                assert TaskResultMeta.objects.filter(status=states.FAILURE).count() == 2
+        else:
+            figures = TaskResultMeta.objects.stats()
     finally:
         with connection.cursor() as cursor:
             cursor.execute(accept)
