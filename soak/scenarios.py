@@ -618,6 +618,9 @@ def run_once(ctx: Context) -> Outcome:
 
 #: Seconds after which the soak's senders recover a dead worker's tasks (RECOVER_AFTER).
 RECOVER_AFTER = 3.0
+#: Redis's visibility timeout in scenario 9 (seconds): the victim's unacked messages come
+#: back to the rescuer after it (restored every second, see testproject.settings).
+RECOVERY_VISIBILITY = 6
 #: What a policy makes of a task that was running when its worker was killed.
 KILLED_END = {"resend": "SUCCESS", "fail": "FAILURE", "report": "STARTED"}
 _RECOVERY_LINE = re.compile(r"(resent|failed|reported|not replayable|moved on) \d+ \[([^\]]*)\]")
@@ -659,11 +662,12 @@ def _recovery_case(ctx: Context, out: Outcome, policy: str) -> None:
         "FULLDB_ACKS_LATE": "0",
         "FULLDB_PREFETCH": "1",
         "FULLDB_HEARTBEAT": "1",
-        "FULLDB_VISIBILITY_TIMEOUT": "6",  # Redis: the victim's unacked messages come back
+        "FULLDB_VISIBILITY_TIMEOUT": str(RECOVERY_VISIBILITY),  # Redis: unacked ones come back
         "FULLDB_LOGLEVEL": "INFO",  # copies refused, recovery passes that only report
     }
     count = ctx.sizes.recovery_kill_tasks
     redis = ctx.stack == "maria-redis"
+    in_flight = 1 if redis else 0  # messages the kill may take unreceived (_lost_in_flight)
     with harness.stopping_all(ctx):
         victim = harness.start_worker(ctx, f"victim-{policy}", folder, "prefork", 2, **env)
         ids = [
@@ -684,6 +688,9 @@ def _recovery_case(ctx: Context, out: Outcome, policy: str) -> None:
         killed = {i for i, (s, _) in at_kill.items() if s == "STARTED"}
         received = {i for i, (s, _) in at_kill.items() if s == "RECEIVED"}
         harness.start_worker(ctx, f"rescuer-{policy}", folder, "prefork", 2, **env)
+        # Every message Redis still holds for the victim is back by then (and any other
+        # task taken and run): what is still PENDING was lost in flight (see _lost_in_flight).
+        back_by = time.monotonic() + RECOVERY_VISIBILITY + 10
         sender = harness.start_sender(
             ctx,
             f"sender-{policy}",
@@ -699,7 +706,12 @@ def _recovery_case(ctx: Context, out: Outcome, policy: str) -> None:
 
         def ended() -> bool:
             states = harness.states_of(ids)
-            return all(states.get(i, ("?", 0))[0] in ends[i] for i in ids)
+            open_ = [i for i in ids if states.get(i, ("?", 0))[0] not in ends[i]]
+            return not open_ or (
+                time.monotonic() > back_by
+                and len(open_) <= in_flight
+                and all(states.get(i, ("?", 0))[0] == "PENDING" for i in open_)
+            )
 
         out.check(harness.wait_until(ended, 60, 0.5), f"{policy}: tasks did not end in time")
 
@@ -727,8 +739,13 @@ def _recovery_case(ctx: Context, out: Outcome, policy: str) -> None:
     redelivered = {i for i in killed if status[i] == "SUCCESS" and i not in resent}
     by_policy = killed - redelivered
     out.check(bool(killed), f"{policy}: the kill hit no running task")
-    lost = {i for i in ids if status[i] == "PENDING" and not n[i]}
-    wrong_state = [f"{i}:{status[i]}" for i in ids if status[i] not in ends[i]]
+    lost = _lost_in_flight(ids, status, n)
+    out.check(
+        len(lost) <= in_flight,
+        f"{policy}: {len(lost)} tasks lost (never ran) {harness.why(sorted(lost))}",
+    )
+    out.check(lost <= stale, f"{policy}: lost tasks not reported stale {lost - stale}")
+    wrong_state = [f"{i}:{status[i]}" for i in ids if status[i] not in ends[i] and i not in lost]
     out.check(not wrong_state, f"{policy}: wrong final state {len(wrong_state)} {wrong_state[:3]}")
     # A killed task ran once before the kill (none if it died between its STARTED write and
     # its first line), once more if resent or redelivered; every other task exactly once.
@@ -739,8 +756,7 @@ def _recovery_case(ctx: Context, out: Outcome, policy: str) -> None:
     out.check(not too_many, f"{policy}: tasks ran too often {len(too_many)} {too_many[:3]}")
     never = [i for i in ids if status[i] == "SUCCESS" and not n[i]]
     out.check(not never, f"{policy}: {len(never)} SUCCESS tasks never ran")
-    out.check(not lost, f"{policy}: {len(lost)} tasks lost (never ran) {harness.why(list(lost))}")
-    unkilled_twice = [i for i in ids if i not in killed and n[i] != 1]
+    unkilled_twice = [i for i in ids if i not in killed | lost and n[i] != 1]
     out.check(not unkilled_twice, f"{policy}: {len(unkilled_twice)} other tasks ran != once")
     # The receipt claim must have judged every message (it runs a task unchecked when it
     # cannot), and every task must stay replayable: it was published with its arguments.
@@ -753,7 +769,7 @@ def _recovery_case(ctx: Context, out: Outcome, policy: str) -> None:
     out.check(not resent - killed - received, f"{policy}: resent tasks it did not hold")
     if policy == "resend":
         out.check(by_policy <= resent, f"{policy}: killed tasks not resent {by_policy - resent}")
-        out.check(not stale, f"{policy}: find_stale_tasks reports {len(stale)} tasks")
+        out.check(stale == lost, f"{policy}: find_stale_tasks reports {stale}, {lost}")
     elif policy == "fail":
         out.check(failed == by_policy, f"{policy}: failed {failed}, killed {by_policy}")
         out.check(not resent & killed, f"{policy}: killed tasks resent {resent & killed}")
@@ -765,9 +781,10 @@ def _recovery_case(ctx: Context, out: Outcome, policy: str) -> None:
             or not isinstance(app.AsyncResult(task_id).result, WorkerLostError)
         ]
         out.check(not not_lost, f"{policy}: no WorkerLostError in {not_lost[:3]}")
-        out.check(not stale, f"{policy}: find_stale_tasks reports {len(stale)} tasks")
+        out.check(stale == lost, f"{policy}: find_stale_tasks reports {stale}, {lost}")
     else:
-        out.check(stale == by_policy, f"{policy}: find_stale_tasks reports {stale}, {by_policy}")
+        reportable = by_policy | lost
+        out.check(stale == reportable, f"{policy}: find_stale_tasks reports {stale}, {reportable}")
         out.check(by_policy <= reported, f"{policy}: not reported {by_policy - reported}")
         out.check(not resent & killed, f"{policy}: killed tasks resent {resent & killed}")
     out.figures[f"{policy}_killed"] = len(killed)
@@ -779,6 +796,20 @@ def _recovery_case(ctx: Context, out: Outcome, policy: str) -> None:
     out.figures[f"{policy}_stale"] = len(stale)
     if redelivered:
         out.figures[f"{policy}_redelivered"] = len(redelivered)
+    if lost:
+        out.figures[f"{policy}_lost_in_flight"] = len(lost)
+
+
+def _lost_in_flight(ids: list[str], status: dict[str, str], runs: dict[str, int]) -> set[str]:
+    """The tasks no worker ever received: still PENDING from publish tracking, never run.
+    ``find_stale_tasks`` must report them, as it reports the other unfinished ones.
+
+    On Redis a SIGKILL may take one: the message the victim's ``BRPOP`` had popped and kombu
+    had not yet written to its unacked hash (the transport has no atomic move: docs/design.md,
+    "Not the package's, but seen"). Under RUN_ONCE every message a worker did receive was
+    taken first (RECEIVED, with its hostname): recovery or the broker covers those, and
+    RabbitMQ gives back whatever was unacknowledged, so there none may be lost."""
+    return {i for i in ids if status[i] == "PENDING" and not runs[i]}
 
 
 SCENARIOS = {
