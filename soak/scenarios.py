@@ -688,8 +688,8 @@ def _recovery_case(ctx: Context, out: Outcome, policy: str) -> None:
         killed = {i for i, (s, _) in at_kill.items() if s == "STARTED"}
         received = {i for i, (s, _) in at_kill.items() if s == "RECEIVED"}
         harness.start_worker(ctx, f"rescuer-{policy}", folder, "prefork", 2, **env)
-        # Every message Redis still holds for the victim is back by then (and any other
-        # task taken and run): what is still PENDING was lost in flight (see _lost_in_flight).
+        # By then Redis has given the rescuer back every message the victim held unacked:
+        # a task still PENDING after that was lost in flight (see _lost_in_flight).
         back_by = time.monotonic() + RECOVERY_VISIBILITY + 10
         sender = harness.start_sender(
             ctx,
@@ -744,7 +744,6 @@ def _recovery_case(ctx: Context, out: Outcome, policy: str) -> None:
         len(lost) <= in_flight,
         f"{policy}: {len(lost)} tasks lost (never ran) {harness.why(sorted(lost))}",
     )
-    out.check(lost <= stale, f"{policy}: lost tasks not reported stale {lost - stale}")
     wrong_state = [f"{i}:{status[i]}" for i in ids if status[i] not in ends[i] and i not in lost]
     out.check(not wrong_state, f"{policy}: wrong final state {len(wrong_state)} {wrong_state[:3]}")
     # A killed task ran once before the kill (none if it died between its STARTED write and
@@ -808,7 +807,7 @@ def _lost_in_flight(ids: list[str], status: dict[str, str], runs: dict[str, int]
     had not yet written to its unacked hash (the transport has no atomic move: docs/design.md,
     "Not the package's, but seen"). Under RUN_ONCE every message a worker did receive was
     taken first (RECEIVED, with its hostname): recovery or the broker covers those, and
-    RabbitMQ gives back whatever was unacknowledged, so there none may be lost."""
+    RabbitMQ gives back whatever was unacknowledged, so on RabbitMQ none may be lost."""
     return {i for i in ids if status[i] == "PENDING" and not runs[i]}
 
 
